@@ -1,0 +1,169 @@
+"""The ``convert`` and ``inspect`` commands (``bnfold convert``, ``python -m converter convert``).
+
+Exit codes: 0 success; 2 bad input or options, or a model that cannot be converted as asked; 3 verification
+failed (nothing written); 1 an internal error (a bug: please report it with the traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from converter.errors import ConversionError, InputError, VerificationError
+from converter.modelio import staged
+from converter.pipeline import BN_MODES, Options, convert_file, inspect_model
+from converter.report import Report
+from converter.verify import TOLERANCES, InputShapes
+
+PROG = "bnfold"
+
+
+def parse_shapes(values: Sequence[str] | None) -> InputShapes:
+    """``1,3,224,224`` for a single-input model, or ``name=1,3,224,224`` (repeatable)."""
+    if not values:
+        return None
+    named: dict[str, list[int]] = {}
+    plain: list[list[int]] = []
+    for text in values:
+        name, sep, dims = text.rpartition("=")
+        try:
+            shape = [int(d) for d in dims.replace("x", ",").split(",") if d.strip()]
+        except ValueError:
+            raise InputError(f"--input-shape {text!r}: dims must be integers, as in 1,3,224,224") from None
+        if not shape or any(d < 0 for d in shape):
+            raise InputError(f"--input-shape {text!r}: give non-negative dims, as in 1,3,224,224")
+        if sep:
+            named[name] = shape
+        else:
+            plain.append(shape)
+    if plain and (named or len(plain) > 1):
+        raise InputError("--input-shape: name each shape (NAME=DIMS) when there are several")
+    return plain[0] if plain else named
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("input", help="ONNX model with BatchNormalization nodes")
+    p.add_argument(
+        "--bn",
+        choices=BN_MODES,
+        default="fold",
+        help="fold: fold every foldable BN, keep the rest as inference BN (default); "
+        "keep: only normalise BNs to inference mode; affine: fold, and rewrite the rest as Mul+Add",
+    )
+    p.add_argument(
+        "--input-shape",
+        action="append",
+        metavar="[NAME=]DIMS",
+        help="shape for dynamic inputs, e.g. 1,3,224,224 or input=1,3,224,224 (repeatable)",
+    )
+    p.add_argument("--fp16", action="store_true", help="write a float16 model (inputs and outputs stay float32)")
+    p.add_argument("--fp16-io", action="store_true", help="with --fp16: float16 inputs and outputs too")
+
+
+def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Register ``convert`` and ``inspect`` on a subcommand parser."""
+    f32, f16 = TOLERANCES["float32"], TOLERANCES["float16"]
+    conv = sub.add_parser(
+        "convert",
+        help="fold BatchNorm into the preceding layer, verify in ONNX Runtime, write ONNX",
+        description="Fold BatchNormalization into Conv/ConvTranspose/Gemm/MatMul weights, prove the result "
+        "equal to the original in ONNX Runtime, and write it atomically. Exit codes: 0 ok, 2 bad input, "
+        "3 verification failed (nothing written).",
+    )
+    _common(conv)
+    conv.add_argument("-o", "--output", help="output ONNX file (required unless --in-place)")
+    conv.add_argument("--in-place", action="store_true", help="overwrite the input file (after verification)")
+    conv.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime comparison")
+    conv.add_argument("--atol", type=float, help=f"absolute tolerance (default {f32[0]:g}; {f16[0]:g} with --fp16)")
+    conv.add_argument(
+        "--rtol",
+        type=float,
+        help=f"tolerance relative to the output's largest magnitude (default {f32[1]:g}; {f16[1]:g} with --fp16)",
+    )
+    conv.add_argument("--seed", type=int, default=0, help="seed of the random verification inputs (default 0)")
+    conv.add_argument("--report", metavar="FILE", help="also write the report as JSON")
+    conv.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
+    conv.set_defaults(run=_run_convert)
+
+    insp = sub.add_parser(
+        "inspect",
+        help="show what a conversion would do, without writing",
+        description="Show which BatchNorms a conversion would fold, keep or rewrite, and why. Writes nothing.",
+    )
+    _common(insp)
+    insp.add_argument("--json", action="store_true", help="print the report as JSON")
+    insp.set_defaults(run=_run_inspect)
+
+
+def _options(args: argparse.Namespace, verify: bool) -> Options:
+    return Options(
+        bn=args.bn,
+        verify=verify,
+        atol=getattr(args, "atol", None),
+        rtol=getattr(args, "rtol", None),
+        input_shapes=parse_shapes(args.input_shape),
+        fp16=args.fp16,
+        fp16_io=args.fp16_io,
+        seed=getattr(args, "seed", 0),
+    )
+
+
+def _run_convert(args: argparse.Namespace) -> int:
+    if args.output is None and not args.in_place:
+        raise InputError("give an output file with -o OUT, or --in-place to overwrite the input")
+    options = _options(args, verify=not args.no_verify)
+    try:
+        report = convert_file(args.input, args.output, options, in_place=args.in_place)
+    except VerificationError as exc:
+        if isinstance(exc.report, Report):
+            sys.stderr.write(exc.report.to_text())
+        raise
+    if args.report:
+        _write_text(Path(args.report), report.to_json())
+    if not args.quiet:
+        sys.stdout.write(report.to_text())
+    return 0
+
+
+def _run_inspect(args: argparse.Namespace) -> int:
+    report = inspect_model(args.input, _options(args, verify=False))
+    sys.stdout.write(report.to_json() if args.json else report.to_text())
+    return 0
+
+
+def _write_text(path: Path, text: str) -> None:
+    with staged(path) as stage:
+        stage.path.write_text(text)
+        stage.commit()
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run a parsed command; user errors become one line on stderr and their exit code."""
+    try:
+        code: int = args.run(args)
+        return code
+    except ConversionError as exc:
+        sys.stderr.write(f"{PROG}: error: {exc}\n")
+        return exc.exit_code
+    except KeyboardInterrupt:
+        sys.stderr.write(f"{PROG}: interrupted\n")
+        return 130
+
+
+def configure_logging(verbose: bool = False) -> None:
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING, format=f"{PROG}: %(levelname)s: %(message)s"
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m converter {convert,inspect} ...``"""
+    parser = argparse.ArgumentParser(prog=PROG, description="Fold BatchNorm into ONNX weights, exactly.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_commands(sub)
+    args = parser.parse_args(argv)
+    configure_logging()
+    return run(args)

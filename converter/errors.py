@@ -1,0 +1,26 @@
+"""Errors a user can cause, each with the exit code the CLI documents (README, "Exit codes")."""
+
+from __future__ import annotations
+
+
+class ConversionError(Exception):
+    """The input cannot be converted as asked. The message is one line, meant for the user."""
+
+    exit_code = 2
+
+
+class InputError(ConversionError):
+    """Missing, unreadable or invalid input file, or bad options."""
+
+
+class VerificationError(ConversionError):
+    """The converted model does not reproduce the original within tolerance; nothing was written.
+
+    ``report`` is the conversion report (a :class:`converter.report.Report`) with the measured errors.
+    """
+
+    exit_code = 3
+
+    def __init__(self, message: str, report: object = None) -> None:
+        super().__init__(message)
+        self.report = report

@@ -1,0 +1,298 @@
+"""A small mutable index over an ONNX GraphProto: producers, consumers, constants, unique names.
+
+Rewrites record their changes here (nodes replaced, initializers set) and :meth:`Graph.commit` writes the
+node list back once, in the original topological order with each replacement in its predecessor's place.
+Values that nodes inside subgraphs (If/Loop/Scan bodies) read from this graph count as consumers, so a fold
+never changes a value that a subgraph still sees.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import numpy as np
+import onnx
+from numpy.typing import NDArray
+from onnx import GraphProto, ModelProto, NodeProto, TensorProto, helper, numpy_helper
+
+#: Pseudo consumer index for a value read implicitly by a subgraph.
+SUBGRAPH = -1
+
+
+def subgraphs(node: NodeProto) -> Iterator[GraphProto]:
+    for attr in node.attribute:
+        if attr.type == onnx.AttributeProto.GRAPH:
+            yield attr.g
+        elif attr.type == onnx.AttributeProto.GRAPHS:
+            yield from attr.graphs
+
+
+def _outer_references(graph: GraphProto) -> set[str]:
+    """Names a subgraph reads without defining them itself (recursively)."""
+    defined = {i.name for i in graph.input} | {t.name for t in graph.initializer}
+    used: set[str] = set()
+    for node in graph.node:
+        defined.update(node.output)
+        used.update(n for n in node.input if n)
+        for sub in subgraphs(node):
+            used |= _outer_references(sub)
+    used.update(o.name for o in graph.output)
+    return used - defined
+
+
+def attribute(node: NodeProto, name: str, default: object = None) -> object:
+    for attr in node.attribute:
+        if attr.name == name:
+            return helper.get_attribute_value(attr)
+    return default
+
+
+def display_name(node: NodeProto) -> str:
+    """The node's name, or ``OpType(first output)`` for unnamed nodes."""
+    return node.name or f"{node.op_type}({node.output[0] if node.output else ''})"
+
+
+class Graph:
+    """Index over ``model.graph``; see the module docstring."""
+
+    def __init__(self, model: ModelProto) -> None:
+        self.model = model
+        self.graph = model.graph
+        self.opset = next(
+            (o.version for o in model.opset_import if o.domain in ("", "ai.onnx")),
+            onnx.defs.onnx_opset_version(),
+        )
+        self._build()
+
+    def _build(self) -> None:
+        self.nodes: list[NodeProto] = list(self.graph.node)
+        # slot k holds the ids of the nodes standing where the k-th original node stood
+        self._slots: list[list[int]] = [[i] for i in range(len(self.nodes))]
+        self._slot_of: list[int] = list(range(len(self.nodes)))
+        self.removed: set[int] = set()
+        self.initializers: dict[str, TensorProto] = {t.name: t for t in self.graph.initializer}
+        self.inputs = {i.name for i in self.graph.input}
+        self.outputs = {o.name for o in self.graph.output}
+        # IR < 4 lists every initializer as an input; only from IR 4 on does that make it overridable.
+        self.overridable = self.inputs & set(self.initializers) if self.model.ir_version >= 4 else set()
+        self.producers: dict[str, int] = {}
+        self.consumers: dict[str, list[int]] = defaultdict(list)
+        self.names: set[str] = set(self.inputs) | set(self.initializers) | self.outputs
+        for idx, node in enumerate(self.nodes):
+            self._index(idx, node)
+
+    def _index(self, idx: int, node: NodeProto) -> None:
+        if node.name:
+            self.names.add(node.name)
+        for name in node.output:
+            if name:
+                self.producers[name] = idx
+                self.names.add(name)
+        for name in node.input:
+            if name:
+                self.consumers[name].append(idx)
+        for sub in subgraphs(node):
+            for name in _outer_references(sub):
+                self.consumers[name].append(SUBGRAPH)
+            self.names |= _all_names(sub)
+
+    # ----------------------------------------------------------------------------------------- queries
+    def node(self, idx: int) -> NodeProto:
+        return self.nodes[idx]
+
+    def producer(self, name: str) -> int | None:
+        return self.producers.get(name)
+
+    def users(self, name: str) -> list[int]:
+        """Ids of the nodes reading ``name`` (one entry per read; SUBGRAPH for a subgraph)."""
+        return self.consumers.get(name, [])
+
+    def sole_user(self, name: str, idx: int) -> bool:
+        """True when node ``idx`` is the only reader of ``name`` and ``name`` is not a graph output."""
+        return name not in self.outputs and set(self.users(name)) == {idx}
+
+    def constant_source(self, name: str) -> str | None:
+        """Follow Identity nodes back to an initializer or Constant output; None when not a constant."""
+        seen = set()
+        while name not in seen:
+            seen.add(name)
+            if name in self.initializers:
+                return None if name in self.overridable else name
+            idx = self.producers.get(name)
+            if idx is None:
+                return None
+            node = self.nodes[idx]
+            if node.domain not in ("", "ai.onnx"):
+                return None
+            if node.op_type == "Identity":
+                name = node.input[0]
+            elif node.op_type == "Constant":
+                return name
+            else:
+                return None
+        return None
+
+    def constant(self, name: str) -> NDArray[Any] | None:
+        """The value of ``name`` when it is a constant (initializer, Constant, through Identity), else None."""
+        if not name:
+            return None
+        source = self.constant_source(name)
+        if source is None:
+            return None
+        if source in self.initializers:
+            return numpy_helper.to_array(self.initializers[source])
+        return _constant_node_value(self.nodes[self.producers[source]])
+
+    def constant_is_private(self, name: str, idx: int) -> bool:
+        """True when node ``idx`` is the only reader of the constant and of every Identity on the way."""
+        while True:
+            if not self.sole_user(name, idx):
+                return False
+            producer = self.producers.get(name)
+            if producer is None or self.nodes[producer].op_type != "Identity":
+                return True
+            name, idx = self.nodes[producer].input[0], producer
+
+    def live_nodes(self) -> Iterator[tuple[int, NodeProto]]:
+        """(id, node) of every node still in the graph, in topological order."""
+        for slot in self._slots:
+            for idx in slot:
+                yield idx, self.nodes[idx]
+
+    # ------------------------------------------------------------------------------------------- edits
+    def unique_name(self, base: str) -> str:
+        base = base or "bnfold"
+        name, k = base, 0
+        while name in self.names:
+            k += 1
+            name = f"{base}_{k}"
+        self.names.add(name)
+        return name
+
+    def add_initializer(self, base: str, value: NDArray[Any]) -> str:
+        """A new initializer under a name unused anywhere in the model."""
+        name = self.unique_name(base)
+        self.graph.initializer.append(numpy_helper.from_array(value, name))
+        self.initializers[name] = self.graph.initializer[-1]
+        return name
+
+    def set_input(self, idx: int, position: int, name: str) -> None:
+        node = self.nodes[idx]
+        old = node.input[position] if position < len(node.input) else ""
+        if old:
+            self.consumers[old].remove(idx)
+        while len(node.input) <= position:
+            node.input.append("")
+        node.input[position] = name
+        if name:
+            self.consumers[name].append(idx)
+
+    def write_constant(self, idx: int, position: int, value: NDArray[Any], base: str) -> str:
+        """Make input ``position`` of node ``idx`` the constant ``value``.
+
+        A private initializer is overwritten under its own name; anything else (shared, a Constant node,
+        behind Identity, absent) gets a fresh initializer and the old source is left to :meth:`prune`.
+        """
+        node = self.nodes[idx]
+        current = node.input[position] if position < len(node.input) else ""
+        if current in self.initializers and current not in self.overridable and self.sole_user(current, idx):
+            self.initializers[current].CopyFrom(numpy_helper.from_array(value, current))
+            return current
+        name = self.add_initializer(base, value)
+        self.set_input(idx, position, name)
+        return name
+
+    def replace_node(self, idx: int, new_nodes: Iterable[NodeProto]) -> list[int]:
+        """Put ``new_nodes`` where node ``idx`` stands (none removes it); return their ids."""
+        old = self.nodes[idx]
+        for name in old.input:
+            if name and idx in self.consumers.get(name, []):
+                self.consumers[name].remove(idx)
+        for name in old.output:
+            if self.producers.get(name) == idx:
+                del self.producers[name]
+        self.removed.add(idx)
+        slot = self._slots[self._slot_of[idx]]
+        ids = []
+        for node in new_nodes:
+            new_id = len(self.nodes)
+            self.nodes.append(node)
+            self._slot_of.append(self._slot_of[idx])
+            self._index(new_id, node)
+            ids.append(new_id)
+        at = slot.index(idx)
+        slot[at : at + 1] = ids
+        return ids
+
+    def rename_output(self, idx: int, position: int, name: str) -> None:
+        """Node ``idx`` now writes ``name`` (taking over a value whose producer was removed)."""
+        node = self.nodes[idx]
+        old = node.output[position]
+        if self.producers.get(old) == idx:
+            del self.producers[old]
+        node.output[position] = name
+        self.producers[name] = idx
+
+    def prune(self) -> int:
+        """Drop unused initializers and unused Constant/Identity nodes; return how many were removed."""
+        removed = 0
+        changed = True
+        while changed:
+            changed = False
+            for idx, node in list(self.live_nodes()):
+                if node.op_type not in ("Constant", "Identity") or node.domain not in ("", "ai.onnx"):
+                    continue
+                if any(self.users(o) or o in self.outputs for o in node.output):
+                    continue
+                self.replace_node(idx, [])
+                removed += 1
+                changed = True
+        dead = {
+            name
+            for name in self.initializers
+            if not self.users(name) and name not in self.outputs and name not in self.inputs
+        }
+        if dead:
+            keep = [t for t in self.graph.initializer if t.name not in dead]
+            self.graph.ClearField("initializer")
+            self.graph.initializer.extend(keep)
+            self.initializers = {t.name: t for t in self.graph.initializer}
+            removed += len(dead)
+        return removed
+
+    def commit(self) -> None:
+        """Write the node list back to the GraphProto and re-index it."""
+        if not self.removed:
+            return
+        nodes = [node for _, node in self.live_nodes()]
+        self.graph.ClearField("node")
+        self.graph.node.extend(nodes)
+        self._build()
+
+
+def _all_names(graph: GraphProto) -> set[str]:
+    names = {i.name for i in graph.input} | {o.name for o in graph.output} | {t.name for t in graph.initializer}
+    for node in graph.node:
+        names.update(node.output)
+        if node.name:
+            names.add(node.name)
+        for sub in subgraphs(node):
+            names |= _all_names(sub)
+    return names
+
+
+def _constant_node_value(node: NodeProto) -> NDArray[Any] | None:
+    for attr in node.attribute:
+        if attr.name == "value":
+            return numpy_helper.to_array(attr.t)
+        if attr.name == "value_float":
+            return np.array(attr.f, dtype=np.float32)
+        if attr.name == "value_floats":
+            return np.array(list(attr.floats), dtype=np.float32)
+        if attr.name == "value_int":
+            return np.array(attr.i, dtype=np.int64)
+        if attr.name == "value_ints":
+            return np.array(list(attr.ints), dtype=np.int64)
+    return None  # sparse_value and string constants are not folded

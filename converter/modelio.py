@@ -1,0 +1,126 @@
+"""Reading and writing ONNX files: clear errors for bad input, atomic output, external data both ways."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+from google.protobuf.message import DecodeError
+from onnx import ModelProto, TensorProto
+from onnx.external_data_helper import load_external_data_for_model
+
+from converter.errors import InputError
+
+#: Models whose serialised size passes this are written with their tensors in a side file (`OUT.data`):
+#: protobuf cannot hold more than 2 GiB in one message.
+EXTERNAL_DATA_THRESHOLD = 1 << 30
+
+
+@dataclass
+class Loaded:
+    model: ModelProto
+    path: Path
+    external_data: bool  # the file kept (some) tensors in external data files
+
+
+def load(path: str | os.PathLike[str]) -> Loaded:
+    """Load and check an ONNX file; any defect of the file is an :class:`InputError` with one line."""
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"{p}: no such file")
+    if p.is_dir():
+        raise InputError(f"{p}: is a directory, not an ONNX file")
+    try:
+        model = onnx.load(str(p), load_external_data=False)
+    except (DecodeError, RuntimeError, ValueError, UnicodeDecodeError) as exc:
+        raise InputError(f"{p}: not an ONNX model ({_first_line(exc) or 'protobuf parse failed'})") from None
+    except OSError as exc:
+        raise InputError(f"{p}: cannot read ({exc.strerror or exc})") from None
+    if not model.HasField("graph") or model.ir_version == 0:
+        raise InputError(f"{p}: not an ONNX model (no graph or IR version)")
+    external = any(_is_external(t) for t in model.graph.initializer)
+    if external:
+        try:
+            load_external_data_for_model(model, str(p.parent))
+        except (OSError, ValueError, onnx.checker.ValidationError) as exc:
+            raise InputError(f"{p}: external data cannot be loaded ({_first_line(exc)})") from None
+    check(model, str(p))
+    return Loaded(model, p, external)
+
+
+def check(model: ModelProto, what: str = "model") -> None:
+    """onnx.checker on the model; a failure is an InputError naming the first problem."""
+    try:
+        if model.ByteSize() < (1 << 31) - 1:
+            onnx.checker.check_model(model)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError, ValueError) as exc:
+        raise InputError(f"{what}: invalid ONNX model ({_first_line(exc)})") from None
+
+
+def _is_external(t: TensorProto) -> bool:
+    return t.HasField("data_location") and t.data_location == TensorProto.EXTERNAL
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__
+
+
+class Staged:
+    """A model written beside its destination under a temporary name; :meth:`commit` renames it into place."""
+
+    def __init__(self, final: Path, tmpdir: Path) -> None:
+        self.final = final
+        self.dir = tmpdir
+        self.path = tmpdir / final.name
+        self.data_name: str | None = None
+
+    def write(self, model: ModelProto, external_data: bool | None = None) -> None:
+        """Serialise ``model``; with external data when asked, or when it is too large for one message."""
+        if external_data is None:
+            external_data = model.ByteSize() > EXTERNAL_DATA_THRESHOLD
+        try:
+            if external_data:
+                self.data_name = f"{self.final.name}.data"
+                onnx.save_model(
+                    model,
+                    str(self.path),
+                    save_as_external_data=True,
+                    all_tensors_to_one_file=True,
+                    location=self.data_name,
+                    size_threshold=1024,
+                )
+            else:
+                onnx.save_model(model, str(self.path))
+        except OSError as exc:
+            raise InputError(f"{self.final}: cannot write ({exc.strerror or exc})") from None
+
+    def commit(self) -> None:
+        if self.data_name:
+            os.replace(self.dir / self.data_name, self.final.parent / self.data_name)
+        os.replace(self.path, self.final)
+
+
+@contextlib.contextmanager
+def staged(final: str | os.PathLike[str]) -> Iterator[Staged]:
+    """Stage an output file; whatever is not committed is removed, so no half-written file is ever left."""
+    dest = Path(final)
+    if dest.is_dir():
+        raise InputError(f"{dest}: is a directory; give the output file name")
+    parent = dest.parent if str(dest.parent) else Path(".")
+    if not parent.is_dir():
+        raise InputError(f"{parent}: output directory does not exist")
+    try:
+        tmpdir = Path(tempfile.mkdtemp(prefix=".bnfold-", dir=parent))
+    except OSError as exc:
+        raise InputError(f"{parent}: cannot write ({exc.strerror or exc})") from None
+    try:
+        yield Staged(dest, tmpdir)
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
