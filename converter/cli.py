@@ -30,7 +30,7 @@ def parse_shapes(values: Sequence[str] | None) -> InputShapes:
     for text in values:
         name, sep, dims = text.rpartition("=")
         try:
-            shape = [int(d) for d in dims.replace("x", ",").split(",") if d.strip()]
+            shape = [int(d) for d in dims.split(",")]
         except ValueError:
             raise InputError(f"--input-shape {text!r}: dims must be integers, as in 1,3,224,224") from None
         if not shape or any(d < 0 for d in shape):

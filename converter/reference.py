@@ -114,8 +114,8 @@ def train_backward(dy: NDArray[np.floating], cache: TrainCache, axis: int = 1) -
 def test_step(x: NDArray[np.floating], p: BatchNormParams, axis: int = 1) -> Array:
     """Normalise with the running statistics (inference)."""
     x64 = np.asarray(x, dtype=np.float64)
+    _reduce_axes(x64, axis)  # validates the rank
     cshape = _channel_shape(x64, axis)
-    _reduce_axes(x64, axis)
     x_hat = (x64 - p.running_mean.reshape(cshape)) / np.sqrt(p.running_var.reshape(cshape) + p.eps)
     return p.gamma.reshape(cshape) * x_hat + p.beta.reshape(cshape)
 

@@ -132,7 +132,7 @@ def random_inputs(
         if np.issubdtype(dtype, np.floating):
             feeds[arg.name] = rng.standard_normal(shape).astype(dtype)
         elif dtype is np.bool_:
-            feeds[arg.name] = rng.random(shape) < 0.5
+            feeds[arg.name] = np.asarray(rng.random(shape) < 0.5)
         elif dtype is np.str_:
             feeds[arg.name] = np.full(shape, "bnfold", dtype=object)
         else:
