@@ -1,0 +1,1 @@
+"""Examples: how the bundled default model was trained, and ways to use bnfold."""
