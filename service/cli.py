@@ -1,11 +1,28 @@
-"""The ``bnfold`` command: ``serve`` lives here; ``convert`` and ``inspect`` come from the converter."""
+"""The ``bnfold`` command: ``serve`` lives here; ``convert`` and ``inspect`` come from the converter.
+
+``bnfold serve`` exit codes: 0 after a clean shutdown (SIGTERM or Ctrl-C included), 2 for bad settings, 3 when
+start-up fails (for instance the ``strict`` provider policy and a requested provider that is not active).
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
+import os
+import signal
+import sys
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
 
 from converter import cli as converter_cli
+from service.settings import Settings
+
+STARTUP_FAILED = 3
+log = logging.getLogger("bnfold.service")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -14,10 +31,78 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="{convert,inspect,serve}")
     converter_cli.add_commands(sub)
+    serve = sub.add_parser(
+        "serve",
+        help="serve models over the Open Inference Protocol V2 (KServe/Triton REST)",
+        description="Serve ONNX models over HTTP (Open Inference Protocol V2), folding BatchNorm on load. "
+        "Every setting can also come from the environment (BNFOLD_HOST, BNFOLD_PORT, ...; see README); "
+        "flags win over the environment. With no model and no repository: the bundled `digits` model.",
+    )
+    serve.add_argument("model", nargs="?", type=Path, help="one ONNX file to serve (model name: its file stem)")
+    serve.add_argument("--model-repository", type=Path, help="repository DIR/<name>/<version>/model.onnx")
+    serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port (default 8000)")
+    serve.add_argument("--workers", type=int, help="server processes (default 1)")
+    serve.set_defaults(run=_run_serve)
     return parser
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    overrides: dict[str, Any] = {
+        "model": args.model,
+        "model_repository": args.model_repository,
+        "host": args.host,
+        "port": args.port,
+        "workers": args.workers,
+    }
+    try:
+        settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        sys.stderr.write(f"bnfold: error: setting {where}: {first['msg']}\n")
+        return 2
+    if settings.model is not None and not settings.model.is_file():
+        sys.stderr.write(f"bnfold: error: {settings.model}: no such model file\n")
+        return 2
+    if settings.model is None and not settings.model_repository.is_dir():
+        sys.stderr.write(f"bnfold: error: {settings.model_repository}: model repository not found\n")
+        return 2
+    return serve(settings, overrides)
+
+
+def serve(settings: Settings, overrides: dict[str, Any] | None = None) -> int:
+    """Run uvicorn until SIGTERM/SIGINT; the in-flight requests finish first."""
+    import uvicorn  # noqa: PLC0415  (convert/inspect do not need the web stack)
+
+    logging.getLogger("bnfold").setLevel(settings.log_level.upper())
+    # uvicorn re-raises the signal it shut down on; a handler here makes that a clean exit (code 0)
+    signal.signal(signal.SIGTERM, lambda *_: None)
+    common: dict[str, Any] = {
+        "host": settings.host,
+        "port": settings.port,
+        "log_level": settings.log_level,
+        "access_log": False,
+        "timeout_graceful_shutdown": settings.graceful_shutdown_seconds,
+    }
+    if settings.workers > 1:
+        # worker processes build their own app from the environment: pass the flags on through it
+        for key, value in (overrides or {}).items():
+            if value is not None:
+                os.environ[f"BNFOLD_{key.upper()}"] = str(value)
+        uvicorn.run("service.app:create_app", factory=True, workers=settings.workers, **common)
+        return 0
+    from service.app import create_app  # noqa: PLC0415
+
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), **common))
+    with contextlib.suppress(KeyboardInterrupt):
+        server.run()
+    return 0 if server.started else STARTUP_FAILED
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     converter_cli.configure_logging()
+    if args.command == "serve":
+        logging.getLogger("bnfold").setLevel(logging.INFO)
     return converter_cli.run(args)

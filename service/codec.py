@@ -1,0 +1,348 @@
+"""Open Inference Protocol V2 tensors <-> numpy, JSON and the binary tensor data extension. No HTTP here.
+
+Binary framing (Triton's binary tensor data extension): the body is a JSON header of
+``Inference-Header-Content-Length`` bytes, then each binary tensor's bytes in the order of the tensors in the
+header, each announced by its ``binary_data_size`` parameter. Little-endian, row-major; BOOL is one byte;
+a BYTES element is a 4-byte little-endian length then the bytes.
+
+Every size a client declares is checked against the bytes actually present and against the element limit
+before anything is allocated, so a forged header cannot make the server reserve memory.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import orjson
+from numpy.typing import NDArray
+
+from service.errors import BadRequest
+
+Array = NDArray[Any]
+
+#: V2 datatype -> numpy dtype (little-endian).
+DATATYPES: dict[str, np.dtype[Any]] = {
+    "BOOL": np.dtype(np.bool_),
+    "UINT8": np.dtype("<u1"),
+    "UINT16": np.dtype("<u2"),
+    "UINT32": np.dtype("<u4"),
+    "UINT64": np.dtype("<u8"),
+    "INT8": np.dtype("<i1"),
+    "INT16": np.dtype("<i2"),
+    "INT32": np.dtype("<i4"),
+    "INT64": np.dtype("<i8"),
+    "FP16": np.dtype("<f2"),
+    "FP32": np.dtype("<f4"),
+    "FP64": np.dtype("<f8"),
+    "BYTES": np.dtype(object),
+}
+
+#: ONNX Runtime type string -> V2 datatype.
+ORT_TO_V2 = {
+    "tensor(bool)": "BOOL",
+    "tensor(uint8)": "UINT8",
+    "tensor(uint16)": "UINT16",
+    "tensor(uint32)": "UINT32",
+    "tensor(uint64)": "UINT64",
+    "tensor(int8)": "INT8",
+    "tensor(int16)": "INT16",
+    "tensor(int32)": "INT32",
+    "tensor(int64)": "INT64",
+    "tensor(float16)": "FP16",
+    "tensor(float)": "FP32",
+    "tensor(double)": "FP64",
+    "tensor(string)": "BYTES",
+}
+
+_LEN = struct.Struct("<I")
+
+
+@dataclass
+class InputTensor:
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+    array: Array
+
+
+@dataclass
+class OutputRequest:
+    name: str
+    binary: bool
+    classification: int = 0
+
+
+@dataclass
+class InferRequest:
+    inputs: list[InputTensor]
+    outputs: list[OutputRequest] | None = None  # None: every output
+    id: str | None = None
+    binary_output: bool = False  # the request's binary_data_output
+    timeout_us: int | None = None
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class OutputTensor:
+    name: str
+    array: Array
+    binary: bool
+    datatype: str | None = None  # derived from the array when None
+
+
+# ------------------------------------------------------------------------------------------------ decode
+def element_count(name: str, shape: object, limit: int) -> tuple[tuple[int, ...], int]:
+    """Validate a declared shape; refuse element counts above ``limit`` before anything is allocated."""
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
+        raise BadRequest(f"input '{name}': shape must be a list of integers")
+    if any(d < 0 for d in shape):
+        raise BadRequest(f"input '{name}': shape {shape} has a negative dimension")
+    count = math.prod(shape)
+    if count > limit:
+        raise BadRequest(f"input '{name}': shape {shape} has {count} elements, above the limit of {limit}")
+    return tuple(shape), count
+
+
+def decode_json_data(name: str, datatype: str, shape: tuple[int, ...], count: int, data: object) -> Array:
+    """JSON ``data`` (flat or nested as the shape) to an array of ``datatype``."""
+    dtype = DATATYPES[datatype]
+    if not isinstance(data, list):
+        data = [data]
+    if datatype == "BYTES":
+        flat = _flatten_strings(name, data)
+        if len(flat) != count:
+            raise BadRequest(f"input '{name}': {len(flat)} elements given, shape {list(shape)} needs {count}")
+        return np.array(flat, dtype=object).reshape(shape)
+    try:
+        arr = np.array(data)
+    except (ValueError, OverflowError):
+        raise BadRequest(f"input '{name}': data is ragged or not all numbers") from None
+    if arr.dtype == object or arr.dtype.kind in "USV":
+        raise BadRequest(f"input '{name}': data is ragged or not all {datatype} values")
+    if arr.size != count:
+        raise BadRequest(f"input '{name}': {arr.size} elements given, shape {list(shape)} needs {count}")
+    if arr.ndim > 1 and arr.shape != shape:
+        raise BadRequest(f"input '{name}': nested data has shape {list(arr.shape)}, declared {list(shape)}")
+    kind = arr.dtype.kind
+    if datatype == "BOOL":
+        if arr.size and kind != "b":
+            raise BadRequest(f"input '{name}': BOOL data must be true/false")
+    elif dtype.kind in "iu":
+        if arr.size and kind not in "iu":
+            raise BadRequest(f"input '{name}': {datatype} data must be integers")
+        info = np.iinfo(dtype)
+        if arr.size and (arr.min() < info.min or arr.max() > info.max):
+            raise BadRequest(f"input '{name}': a value is out of the {datatype} range")
+    elif arr.size and kind not in "iuf":
+        raise BadRequest(f"input '{name}': {datatype} data must be numbers")
+    return arr.astype(dtype, copy=False).reshape(shape)
+
+
+def _flatten_strings(name: str, data: list[Any]) -> list[str]:
+    out: list[str] = []
+    stack: list[Any] = [iter(data)]
+    while stack:
+        for item in stack[-1]:
+            if isinstance(item, list):
+                stack.append(iter(item))
+                break
+            if not isinstance(item, str):
+                raise BadRequest(f"input '{name}': BYTES data must be strings")
+            out.append(item)
+        else:
+            stack.pop()
+    return out
+
+
+def decode_binary_data(name: str, datatype: str, shape: tuple[int, ...], count: int, buf: memoryview) -> Array:
+    """Binary tensor bytes (exactly the tensor, nothing more) to an array; zero-copy for numeric types."""
+    dtype = DATATYPES[datatype]
+    if datatype == "BYTES":
+        items: list[bytes] = []
+        offset, end = 0, len(buf)
+        while offset < end:
+            if offset + 4 > end:
+                raise BadRequest(f"input '{name}': BYTES element length is cut off")
+            (length,) = _LEN.unpack_from(buf, offset)
+            offset += 4
+            if length > end - offset:
+                raise BadRequest(f"input '{name}': BYTES element of {length} bytes overruns its data")
+            items.append(bytes(buf[offset : offset + length]))
+            offset += length
+            if len(items) > count:
+                break
+        if len(items) != count:
+            raise BadRequest(f"input '{name}': {len(items)} BYTES elements given, shape {list(shape)} needs {count}")
+        return np.array(items, dtype=object).reshape(shape)
+    expected = count * dtype.itemsize
+    if len(buf) != expected:
+        raise BadRequest(
+            f"input '{name}': binary_data_size is {len(buf)} bytes, shape {list(shape)} of {datatype} needs {expected}"
+        )
+    if datatype == "BOOL":
+        raw = np.frombuffer(buf, dtype=np.uint8)
+        if raw.size and raw.max() > 1:
+            raise BadRequest(f"input '{name}': BOOL bytes must be 0 or 1")
+        return raw.view(np.bool_).reshape(shape)
+    return np.frombuffer(buf, dtype=dtype).reshape(shape)
+
+
+def parse_request(body: bytes, header_length: int | None, max_elements: int) -> InferRequest:
+    """A V2 inference request: JSON, or JSON header plus binary tensors when ``header_length`` is given."""
+    header: bytes | memoryview
+    if header_length is None:
+        header, rest = body, memoryview(b"")
+    else:
+        if header_length < 0 or header_length > len(body):
+            raise BadRequest(
+                f"Inference-Header-Content-Length {header_length} is outside the body of {len(body)} bytes"
+            )
+        view = memoryview(body)
+        header, rest = view[:header_length], view[header_length:]
+    try:
+        obj = orjson.loads(header)
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(f"request header is not valid JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise BadRequest("request must be a JSON object")
+    params = _dict(obj.get("parameters"), "parameters")
+    request = InferRequest(inputs=[], parameters=params)
+    rid = obj.get("id")
+    if rid is not None and not isinstance(rid, str):
+        raise BadRequest("id must be a string")
+    request.id = rid
+    request.binary_output = _bool(params.get("binary_data_output", False), "binary_data_output")
+    timeout = params.get("timeout")
+    if timeout is not None:
+        if not isinstance(timeout, int) or isinstance(timeout, bool) or timeout < 0:
+            raise BadRequest("parameters.timeout must be a non-negative integer (microseconds)")
+        request.timeout_us = timeout
+    inputs = obj.get("inputs")
+    if not isinstance(inputs, list) or not inputs:
+        raise BadRequest("inputs must be a non-empty list")
+    offset = 0
+    for spec in inputs:
+        if not isinstance(spec, dict):
+            raise BadRequest("each input must be a JSON object")
+        name = spec.get("name")
+        if not isinstance(name, str):
+            raise BadRequest("each input needs a string name")
+        datatype = spec.get("datatype")
+        if datatype not in DATATYPES:
+            raise BadRequest(f"input '{name}': unknown datatype {datatype!r}")
+        shape, count = element_count(name, spec.get("shape"), max_elements)
+        iparams = _dict(spec.get("parameters"), f"input '{name}' parameters")
+        size = iparams.get("binary_data_size")
+        if size is not None:
+            if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+                raise BadRequest(f"input '{name}': binary_data_size must be a non-negative integer")
+            if "data" in spec:
+                raise BadRequest(f"input '{name}': has both data and binary_data_size")
+            if offset + size > len(rest):
+                raise BadRequest(
+                    f"input '{name}': binary_data_size {size} runs past the end of the body "
+                    f"({len(rest) - offset} bytes left)"
+                )
+            array = decode_binary_data(name, datatype, shape, count, rest[offset : offset + size])
+            offset += size
+        elif "data" in spec:
+            array = decode_json_data(name, datatype, shape, count, spec["data"])
+        else:
+            raise BadRequest(f"input '{name}': no data and no binary_data_size")
+        request.inputs.append(InputTensor(name, datatype, shape, array))
+    if offset != len(rest):
+        raise BadRequest(f"binary data sizes add up to {offset} bytes but {len(rest)} bytes follow the header")
+    outputs = obj.get("outputs")
+    if outputs is not None:
+        if not isinstance(outputs, list):
+            raise BadRequest("outputs must be a list")
+        request.outputs = [_output_request(o, request.binary_output) for o in outputs]
+    return request
+
+
+def _output_request(spec: object, default_binary: bool) -> OutputRequest:
+    if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+        raise BadRequest("each requested output must be an object with a string name")
+    name = spec["name"]
+    params = _dict(spec.get("parameters"), f"output '{name}' parameters")
+    binary = _bool(params.get("binary_data", default_binary), f"output '{name}' binary_data")
+    classes = params.get("classification", 0)
+    if not isinstance(classes, int) or isinstance(classes, bool) or classes < 0:
+        raise BadRequest(f"output '{name}': classification must be a non-negative integer")
+    return OutputRequest(name, binary, classes)
+
+
+def _dict(value: object, what: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise BadRequest(f"{what} must be a JSON object")
+    return value
+
+
+def _bool(value: object, what: str) -> bool:
+    if not isinstance(value, bool):
+        raise BadRequest(f"{what} must be true or false")
+    return value
+
+
+# ------------------------------------------------------------------------------------------------ encode
+def v2_datatype(array: Array) -> str:
+    if array.dtype == object or array.dtype.kind in "SU":
+        return "BYTES"
+    for name, dtype in DATATYPES.items():
+        if name != "BYTES" and array.dtype == dtype:
+            return name
+    if array.dtype.kind in "iuf":  # big-endian or other byte orders
+        return v2_datatype(array.astype(array.dtype.newbyteorder("<")))
+    raise ValueError(f"no V2 datatype for {array.dtype}")
+
+
+def binary_bytes(array: Array, datatype: str) -> bytes:
+    if datatype == "BYTES":
+        parts = []
+        for item in array.ravel():
+            data = item if isinstance(item, bytes) else str(item).encode()
+            parts.append(_LEN.pack(len(data)))
+            parts.append(data)
+        return b"".join(parts)
+    return np.ascontiguousarray(array, dtype=DATATYPES[datatype]).tobytes()
+
+
+def _json_data(array: Array, datatype: str) -> Any:
+    if datatype == "BYTES":
+        return [i.decode("utf-8", "replace") if isinstance(i, bytes) else str(i) for i in array.ravel()]
+    return np.ascontiguousarray(array).ravel()
+
+
+def encode_response(
+    model_name: str,
+    model_version: str,
+    request_id: str | None,
+    outputs: list[OutputTensor],
+) -> tuple[bytes, int | None]:
+    """The response body, and the JSON header length when binary tensors follow it."""
+    entries: list[dict[str, Any]] = []
+    blobs: list[bytes] = []
+    for out in outputs:
+        datatype = out.datatype or v2_datatype(out.array)
+        entry: dict[str, Any] = {"name": out.name, "datatype": datatype, "shape": list(out.array.shape)}
+        if out.binary:
+            blob = binary_bytes(out.array, datatype)
+            entry["parameters"] = {"binary_data_size": len(blob)}
+            blobs.append(blob)
+        else:
+            entry["data"] = _json_data(out.array, datatype)
+        entries.append(entry)
+    response: dict[str, Any] = {"model_name": model_name, "model_version": model_version}
+    if request_id is not None:
+        response["id"] = request_id
+    response["outputs"] = entries
+    header = orjson.dumps(response, option=orjson.OPT_SERIALIZE_NUMPY)
+    if not blobs:
+        return header, None
+    return b"".join([header, *blobs]), len(header)

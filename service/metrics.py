@@ -1,0 +1,44 @@
+"""Prometheus metrics of inference requests (health probes and metadata are not counted).
+
+Each app gets its own registry, so several apps in one process (tests) do not collide. With several worker
+processes, each process exports its own figures; scrape through the container or sum per instance.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+__all__ = ["CONTENT_TYPE", "Metrics"]
+
+LABELS = ("model", "version", "provider")
+# from 100 µs (tiny models) to 10 s (big ones on a slow CPU)
+BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.success = Counter("bnfold_inference_success", "Successful inference requests", LABELS, registry=r)
+        self.failure = Counter("bnfold_inference_failure", "Failed inference requests", (*LABELS, "status"), registry=r)
+        self.request_seconds = Histogram(
+            "bnfold_request_duration_seconds",
+            "Inference request time, body read to response",
+            LABELS,
+            buckets=BUCKETS,
+            registry=r,
+        )
+        self.queue_seconds = Histogram(
+            "bnfold_queue_duration_seconds", "Time waiting for a compute slot", LABELS, buckets=BUCKETS, registry=r
+        )
+        self.compute_seconds = Histogram(
+            "bnfold_compute_duration_seconds", "ONNX Runtime run time", LABELS, buckets=BUCKETS, registry=r
+        )
+        self.in_flight = Gauge("bnfold_requests_in_flight", "Inference requests admitted and not answered", registry=r)
+        self.model_ready = Gauge(
+            "bnfold_model_ready", "1 when the model version serves", ("model", "version", "provider"), registry=r
+        )
+
+    def export(self) -> bytes:
+        return generate_latest(self.registry)

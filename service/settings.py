@@ -1,0 +1,95 @@
+"""Every setting of the service, from the environment (prefix ``BNFOLD_``) or the ``bnfold serve`` flags.
+
+The README's settings table is generated from these field descriptions (``tests/service/test_docs.py`` keeps
+it in step), so the description here is the documentation.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+#: The repository shipped inside the package: the ``digits`` model.
+BUNDLED_REPOSITORY = Path(__file__).parent / "models"
+
+PROVIDER_NAMES = {
+    "tensorrt": "TensorrtExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "cpu": "CPUExecutionProvider",
+}
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="BNFOLD_", extra="ignore", frozen=True)
+
+    host: str = Field("127.0.0.1", description="Address to listen on (the container image sets 0.0.0.0).")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port to listen on.")
+    workers: int = Field(1, ge=1, le=64, description="Server processes; each loads every model.")
+    model: Path | None = Field(
+        None, description="Serve this one ONNX file (as model `<file stem>`, version 1) instead of a repository."
+    )
+    model_repository: Path = Field(
+        BUNDLED_REPOSITORY,
+        description="Model repository `DIR/<name>/<version>/model.onnx` (+ optional `DIR/<name>/config.json`). "
+        "Default: the bundled repository with the `digits` model.",
+    )
+    repository_poll_seconds: float = Field(
+        0.0,
+        ge=0,
+        description="Rescan the repository this often and load added or replaced versions (0: only at start).",
+    )
+    providers: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["cpu"],
+        description="Execution providers in order of preference, comma-separated: `tensorrt`, `cuda`, `cpu`.",
+    )
+    provider_policy: Literal["fallback", "strict"] = Field(
+        "fallback",
+        description="`fallback`: serve on whatever providers ONNX Runtime activates, with a warning; "
+        "`strict`: refuse to load a model unless every requested provider is active.",
+    )
+    fold_on_load: bool = Field(
+        True, description="Fold (and verify) models that still have BatchNormalization nodes before serving."
+    )
+    intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads per session (0: its default).")
+    graph_optimization_level: Literal["disable", "basic", "extended", "all"] = Field(
+        "all", description="ONNX Runtime graph optimisation level for serving sessions."
+    )
+    warmup_runs: int = Field(3, ge=0, description="Inferences run on each model before it reports ready.")
+    max_concurrency: int = Field(2, ge=1, description="Inferences computed at the same time, per process.")
+    max_queue: int = Field(
+        256, ge=0, description="Requests allowed to wait for a compute slot; beyond that the answer is 503."
+    )
+    retry_after_seconds: int = Field(1, ge=0, description="`Retry-After` sent with 503 answers.")
+    max_body_bytes: int = Field(64 << 20, ge=1024, description="Largest request body accepted (413 beyond).")
+    max_elements: int = Field(
+        16 << 20, ge=1, description="Largest element count of one input tensor accepted (400 beyond)."
+    )
+    api_key: SecretStr | None = Field(
+        None, description="When set, model and inference endpoints need `Authorization: Bearer <key>`."
+    )
+    graceful_shutdown_seconds: int = Field(
+        30, ge=0, description="On SIGTERM, how long in-flight requests may take to finish."
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
+
+    @field_validator("providers", mode="before")
+    @classmethod
+    def _split(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = [p.strip() for p in value.split(",") if p.strip()]
+        return value
+
+    @field_validator("providers")
+    @classmethod
+    def _known(cls, value: list[str]) -> list[str]:
+        names = [p.lower() for p in value]
+        unknown = [p for p in names if p not in PROVIDER_NAMES]
+        if unknown or not names:
+            raise ValueError(f"providers must be a list of {', '.join(PROVIDER_NAMES)}; got {value}")
+        return names
+
+    def ort_providers(self) -> list[str]:
+        return [PROVIDER_NAMES[p] for p in self.providers]
