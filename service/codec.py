@@ -119,6 +119,8 @@ def decode_json_data(name: str, datatype: str, shape: tuple[int, ...], count: in
         return np.array(flat, dtype=object).reshape(shape)
     try:
         arr = np.array(data)
+        if dtype.kind in "iu" and arr.dtype.kind not in "iub":
+            arr = _exact_integers(name, datatype, data)  # e.g. UINT64 beyond int64 next to small values
     except (ValueError, OverflowError):
         raise BadRequest(f"input '{name}': data is ragged or not all numbers") from None
     if arr.dtype == object or arr.dtype.kind in "USV":
@@ -140,6 +142,18 @@ def decode_json_data(name: str, datatype: str, shape: tuple[int, ...], count: in
     elif arr.size and kind not in "iuf":
         raise BadRequest(f"input '{name}': {datatype} data must be numbers")
     return arr.astype(dtype, copy=False).reshape(shape)
+
+
+def _exact_integers(name: str, datatype: str, data: list[Any]) -> Array:
+    """Python ints that numpy would turn into floats or objects: keep them exact, or refuse."""
+    values = np.array(data, dtype=object)
+    flat = values.ravel().tolist()
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in flat):
+        raise BadRequest(f"input '{name}': {datatype} data must be integers")
+    info = np.iinfo(DATATYPES[datatype])
+    if flat and (min(flat) < info.min or max(flat) > info.max):
+        raise BadRequest(f"input '{name}': a value is out of the {datatype} range")
+    return np.array(flat, dtype=DATATYPES[datatype]).reshape(values.shape)
 
 
 def _flatten_strings(name: str, data: list[Any]) -> list[str]:

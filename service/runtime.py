@@ -245,7 +245,7 @@ class LoadedModel:
                     f"input '{tensor.name}' has datatype {tensor.datatype}, the model takes {spec.datatype}"
                 )
             self._check_shape(spec, tensor.shape)
-            feeds[tensor.name] = tensor.array
+            feeds[tensor.name] = _as_text(tensor) if spec.datatype == "BYTES" else tensor.array
         missing = [n for n in self._inputs_by_name if n not in feeds]
         if missing:
             raise BadRequest(f"missing input(s) for model '{self.name}': {', '.join(missing)}")
@@ -382,6 +382,15 @@ def _warm_up(model: LoadedModel, runs: int) -> None:
             model.session.run(None, feeds)
         except Exception as exc:
             raise ModelLoadError(f"{model.path}: warm-up inference failed: {_first_line(exc)}") from None
+
+
+def _as_text(tensor: InputTensor) -> Array:
+    """ONNX string tensors hold UTF-8 text; ONNX Runtime takes them as Python str."""
+    try:
+        values = [v.decode() if isinstance(v, bytes) else v for v in tensor.array.ravel()]
+    except UnicodeDecodeError:
+        raise BadRequest(f"input '{tensor.name}': BYTES elements must be UTF-8 text for this model") from None
+    return np.array(values, dtype=object).reshape(tensor.array.shape)
 
 
 def _fold_summary(report: Report | None) -> dict[str, Any] | None:
