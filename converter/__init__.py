@@ -3,10 +3,21 @@
 >>> from converter import convert
 >>> result = convert("model.onnx")            # doctest: +SKIP
 >>> print(result.report.to_text())            # doctest: +SKIP
+
+PyTorch in (needs ``pip install "bnfold[torch]"``): ``convert_torch(module, example_inputs)``, or a TorchScript /
+torch.export file given to :func:`convert_file` or ``bnfold convert``.
 """
 
 from converter.errors import ConversionError, InputError, VerificationError
-from converter.pipeline import BN_MODES, ConversionResult, Options, convert, convert_file, inspect_model
+from converter.pipeline import (
+    BN_MODES,
+    ConversionResult,
+    Options,
+    convert,
+    convert_file,
+    convert_torch,
+    inspect_model,
+)
 from converter.report import Counts, LayerRecord, Report
 from converter.verify import TOLERANCES, Verification
 
@@ -24,5 +35,6 @@ __all__ = [
     "VerificationError",
     "convert",
     "convert_file",
+    "convert_torch",
     "inspect_model",
 ]

@@ -1,5 +1,8 @@
 """The ``convert`` and ``inspect`` commands (``bnfold convert``, ``python -m converter convert``).
 
+The input is an ONNX file, or a PyTorch file (TorchScript from ``torch.jit.save``, ExportedProgram from
+``torch.export.save``; recognised by content) that is exported to ONNX first and also verified against PyTorch.
+
 Exit codes: 0 success; 2 bad input or options, or a model that cannot be converted as asked; 3 verification
 failed (nothing written); 1 an internal error (a bug: please report it with the traceback).
 """
@@ -12,6 +15,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from converter import torch_export
 from converter.errors import ConversionError, InputError, VerificationError
 from converter.modelio import staged
 from converter.pipeline import BN_MODES, Options, convert_file, inspect_model
@@ -45,7 +49,11 @@ def parse_shapes(values: Sequence[str] | None) -> InputShapes:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("input", help="ONNX model with BatchNormalization nodes")
+    p.add_argument(
+        "input",
+        help="ONNX model with BatchNormalization nodes, or a PyTorch TorchScript (.pt, torch.jit.save) or "
+        "ExportedProgram (.pt2, torch.export.save) file (needs the torch extra)",
+    )
     p.add_argument(
         "--bn",
         choices=BN_MODES,
@@ -57,7 +65,8 @@ def _common(p: argparse.ArgumentParser) -> None:
         "--input-shape",
         action="append",
         metavar="[NAME=]DIMS",
-        help="shape for dynamic inputs, e.g. 1,3,224,224 or input=1,3,224,224 (repeatable)",
+        help="shape for dynamic inputs, e.g. 1,3,224,224 or input=1,3,224,224 (repeatable); required for "
+        "TorchScript, whose ONNX export gets exactly these (float32) input shapes",
     )
     p.add_argument("--fp16", action="store_true", help="write a float16 model (inputs and outputs stay float32)")
     p.add_argument("--fp16-io", action="store_true", help="with --fp16: float16 inputs and outputs too")
@@ -65,23 +74,29 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Register ``convert`` and ``inspect`` on a subcommand parser."""
-    f32, f16 = TOLERANCES["float32"], TOLERANCES["float16"]
+    f32, f16, pt = TOLERANCES["float32"], TOLERANCES["float16"], torch_export.TOLERANCE
     conv = sub.add_parser(
         "convert",
         help="fold BatchNorm into the preceding layer, verify in ONNX Runtime, write ONNX",
         description="Fold BatchNormalization into Conv/ConvTranspose/Gemm/MatMul weights, prove the result "
-        "equal to the original in ONNX Runtime, and write it atomically. Exit codes: 0 ok, 2 bad input, "
-        "3 verification failed (nothing written).",
+        "equal to the original in ONNX Runtime, and write it atomically. A PyTorch file is exported to ONNX "
+        "first, and the result is also compared with PyTorch's eval-mode outputs. Exit codes: 0 ok, "
+        "2 bad input, 3 verification failed (nothing written).",
     )
     _common(conv)
     conv.add_argument("-o", "--output", help="output ONNX file (required unless --in-place)")
     conv.add_argument("--in-place", action="store_true", help="overwrite the input file (after verification)")
-    conv.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime comparison")
-    conv.add_argument("--atol", type=float, help=f"absolute tolerance (default {f32[0]:g}; {f16[0]:g} with --fp16)")
+    conv.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime comparison (and the PyTorch one)")
+    conv.add_argument(
+        "--atol",
+        type=float,
+        help=f"absolute tolerance (default {f32[0]:g}; {f16[0]:g} with --fp16; {pt[0]:g} against PyTorch)",
+    )
     conv.add_argument(
         "--rtol",
         type=float,
-        help=f"tolerance relative to the output's largest magnitude (default {f32[1]:g}; {f16[1]:g} with --fp16)",
+        help=f"tolerance relative to the output's largest magnitude (default {f32[1]:g}; {f16[1]:g} with --fp16; "
+        f"{pt[1]:g} against PyTorch)",
     )
     conv.add_argument("--seed", type=int, default=0, help="seed of the random verification inputs (default 0)")
     conv.add_argument("--report", metavar="FILE", help="also write the report as JSON")

@@ -1,7 +1,10 @@
 """The conversion: load → normalise BatchNorms → fold (or keep, or make affine) → prune → [fp16] → verify → write.
 
 ``convert`` works on a model in memory and returns the converted model; ``convert_file`` works file to file
-with a staged output that is renamed into place only after verification passed.
+with a staged output that is renamed into place only after verification passed. PyTorch input (a TorchScript or
+torch.export file, or ``convert_torch`` with an nn.Module) is first exported to ONNX by
+:mod:`converter.torch_export`, and the result is verified twice: against the exported ONNX in ONNX Runtime, and
+against PyTorch's own eval-mode outputs.
 """
 
 from __future__ import annotations
@@ -12,11 +15,11 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from onnx import ModelProto
 
-from converter import bn_modes, modelio, precision, rules
+from converter import bn_modes, modelio, precision, rules, torch_export
 from converter.errors import InputError, VerificationError
 from converter.folding import cast_exact
 from converter.graph import Graph, display_name
@@ -237,17 +240,23 @@ def convert_file(
         dst_path = Path(dst)
         if not in_place and dst_path.exists() and src_path.exists() and os.path.samefile(src_path, dst_path):
             raise InputError(f"{dst_path}: refusing to overwrite the input without --in-place")
-    loaded = modelio.load(src_path)
-    seconds = {"load": time.perf_counter() - start}
+    if in_place and torch_export.sniff(src_path) is not None:
+        raise InputError(f"{src_path}: --in-place needs an ONNX input; give the output file with -o OUT.onnx")
+    exported, loaded, reference = _load(src_path, options)
+    if exported is not None:
+        options = replace(options, input_shapes=exported.input_shapes)
+    seconds = {"load" if exported is None else "export": time.perf_counter() - start}
     before = Counts.of(loaded.model)
-    reference: ModelSource = src_path
-    label = "the original model"
+    label = "the original model" if exported is None else "the exported ONNX model"
     tick = time.perf_counter()
     result = rewrite(loaded.model, options)
     if result.training and options.verify:
-        reference, label = _reference(modelio.load(src_path).model, result.training, src_path)
+        original = modelio.load(src_path).model if isinstance(reference, Path) else _parse(reference)
+        reference, label = _reference(original, result.training, reference)
     report = _report(options, before, result)
     report.source, report.output = str(src_path), str(dst_path)
+    if exported is not None:
+        report.notes.extend(exported.notes)
     seconds["rewrite"] = time.perf_counter() - tick
     with modelio.staged(dst_path) as stage:
         tick = time.perf_counter()
@@ -258,6 +267,10 @@ def convert_file(
             tick = time.perf_counter()
             _verify(report, options, reference, stage.path, label)
             seconds["verify"] = time.perf_counter() - tick
+            if exported is not None:
+                tick = time.perf_counter()
+                _verify_torch(report, options, exported, stage.path)
+                seconds["verify_pytorch"] = time.perf_counter() - tick
         stage.commit()
     seconds["total"] = time.perf_counter() - start
     report.seconds = seconds
@@ -272,12 +285,117 @@ def inspect_model(src: str | os.PathLike[str] | ModelProto, options: Options | N
         model.CopyFrom(src)
         modelio.check(model)
     else:
-        loaded = modelio.load(src)
+        exported, loaded, _ = _load(Path(src), options)
         model, source = loaded.model, str(loaded.path)
+        if exported is not None:
+            options = replace(options, input_shapes=exported.input_shapes)
     before = Counts.of(model)
     report = _report(options, before, rewrite(model, options))
     report.source = source
+    if exported is not None:
+        report.notes.extend(exported.notes)
     return report
+
+
+def _load(src: Path, options: Options) -> tuple[torch_export.Exported | None, modelio.Loaded, ModelSource]:
+    """An ONNX file, or a PyTorch file exported to ONNX; and what ORT verification compares against."""
+    kind = torch_export.sniff(src)
+    if kind is None:
+        return None, modelio.load(src), src
+    exported = torch_export.export_file(src, kind, options.input_shapes, options.seed)
+    modelio.check(exported.model, f"{src} (exported to ONNX)")
+    serialised = exported.model.SerializeToString()  # rewrite() changes exported.model in place
+    return exported, modelio.Loaded(exported.model, src, external_data=False), serialised
+
+
+def _parse(data: ModelSource) -> ModelProto:
+    model = ModelProto()
+    if isinstance(data, ModelProto):
+        model.CopyFrom(data)
+    elif isinstance(data, bytes):
+        model.ParseFromString(data)
+    else:
+        model = modelio.load(data).model
+    return model
+
+
+def convert_torch(
+    module: Any,
+    example_inputs: Any,
+    *,
+    bn: str = "fold",
+    verify: bool = True,
+    atol: float | None = None,
+    rtol: float | None = None,
+    fp16: bool = False,
+    fp16_io: bool = False,
+    seed: int = 0,
+) -> ConversionResult:
+    """Convert a PyTorch ``nn.Module`` (or ScriptModule, or ExportedProgram): export, fold, verify twice.
+
+    ``example_inputs`` (a tensor or a tuple of tensors) fixes the ONNX input shapes and is what PyTorch's
+    eval-mode outputs are computed on; the module's training flag is restored afterwards. Verification runs
+    the ONNX Runtime comparison of :func:`convert` (seeded random inputs of the same shapes) and compares the
+    converted model's outputs with PyTorch's (tolerance :data:`converter.torch_export.TOLERANCE` in float32).
+    The other options are those of :func:`convert`. Needs the ``torch`` extra.
+    """
+    start = time.perf_counter()
+    options = Options(bn, verify, atol, rtol, None, fp16, fp16_io, seed)  # bad options fail before the export
+    exported = torch_export.export_module(module, example_inputs)
+    export_seconds = time.perf_counter() - start
+    result = convert(
+        exported.model,
+        bn=bn,
+        verify=verify,
+        atol=atol,
+        rtol=rtol,
+        input_shapes=exported.input_shapes,
+        fp16=fp16,
+        fp16_io=fp16_io,
+        seed=seed,
+    )
+    report = result.report
+    report.source = f"<{exported.kind} {type(module).__name__}>"
+    report.notes.extend(exported.notes)
+    report.seconds.pop("total", None)
+    report.seconds = {"export": export_seconds, **report.seconds}
+    if report.verification is not None and report.verification.reference == "the original model":
+        report.verification.reference = "the exported ONNX model"
+    if options.verify:
+        tick = time.perf_counter()
+        _verify_torch(report, options, exported, result.model)
+        report.seconds["verify_pytorch"] = time.perf_counter() - tick
+    report.seconds["total"] = time.perf_counter() - start
+    return result
+
+
+def torch_tolerances(options: Options) -> tuple[float, float]:
+    """Tolerance of the PyTorch comparison: ``--atol``/``--rtol`` when given, else the cross-framework one
+    (:data:`converter.torch_export.TOLERANCE`), or the float16 one with ``--fp16``."""
+    atol, rtol = TOLERANCES["float16"] if options.fp16 else torch_export.TOLERANCE
+    return (atol if options.atol is None else options.atol, rtol if options.rtol is None else options.rtol)
+
+
+def _verify_torch(report: Report, options: Options, exported: torch_export.Exported, converted: ModelSource) -> None:
+    atol, rtol = torch_tolerances(options)
+    try:
+        check = torch_export.compare(exported, converted, atol=atol, rtol=rtol)
+    except InputError:
+        raise
+    except Exception as exc:  # ONNX Runtime refused the model
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise VerificationError(f"verification could not run the model in ONNX Runtime: {first}", report) from None
+    report.extra_verifications.append(check)
+    if not check.passed:
+        worst = [o for o in check.outputs if not o.passed]
+        names = ", ".join(f"{o.name} (max abs {o.max_abs:.3g}, max rel {o.max_rel:.3g})" for o in worst)
+        hint = ""
+        if any(TRAINING_NOTE in note for layer in report.layers for note in layer.notes):
+            hint = "; the PyTorch model runs BatchNorm in training mode (traced in train mode?): trace after .eval()"
+        raise VerificationError(
+            f"verification against PyTorch failed: {names} above atol {atol:g} + rtol {rtol:g}{hint}", report
+        )
+    log.info("verified %d outputs against %s", len(check.outputs), check.reference)
 
 
 def _verify(report: Report, options: Options, reference: ModelSource, converted: ModelSource, label: str) -> None:

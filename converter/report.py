@@ -51,6 +51,8 @@ class Report:
     before: Counts | None = None
     after: Counts | None = None
     verification: Verification | None = None
+    # further comparisons of the converted model, against other references (PyTorch eval outputs)
+    extra_verifications: list[Verification] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
@@ -89,22 +91,26 @@ class Report:
                 f"nodes {b.nodes} -> {a.nodes}, parameters {b.parameters:,} -> {a.parameters:,}, "
                 f"BatchNormalization {b.batchnorms} -> {a.batchnorms}"
             )
-        v = self.verification
-        if v is not None:
-            verdict = "passed" if v.passed else "FAILED"
-            lines.append(
-                f"verification {verdict} against {v.reference} (ONNX Runtime, optimisations off, seed {v.seed}, "
-                f"pass: max|Δ| <= {v.atol:g} + {v.rtol:g}·max|ref|)"
-            )
-            for o in v.outputs:
-                flag = "ok" if o.passed else "FAIL"
-                extra = f"  ({o.detail})" if o.detail else ""
-                lines.append(f"  {o.name}: max abs {o.max_abs:.3g}, max rel {o.max_rel:.3g}  {flag}{extra}")
+        if self.verification is not None:
+            v = self.verification
+            lines.extend(_verification_lines(v, f"ONNX Runtime, optimisations off, seed {v.seed}"))
+        for v in self.extra_verifications:
+            lines.extend(_verification_lines(v, "converted model in ONNX Runtime, optimisations off"))
         lines.extend(f"note: {n}" for n in self.notes)
         if self.seconds:
             parts = ", ".join(f"{k} {v:.2f}s" for k, v in self.seconds.items())
             lines.append(f"time: {parts}")
         return "\n".join(lines) + "\n"
+
+
+def _verification_lines(v: Verification, how: str) -> list[str]:
+    verdict = "passed" if v.passed else "FAILED"
+    lines = [f"verification {verdict} against {v.reference} ({how}, pass: max|Δ| <= {v.atol:g} + {v.rtol:g}·max|ref|)"]
+    for o in v.outputs:
+        flag = "ok" if o.passed else "FAIL"
+        extra = f"  ({o.detail})" if o.detail else ""
+        lines.append(f"  {o.name}: max abs {o.max_abs:.3g}, max rel {o.max_rel:.3g}  {flag}{extra}")
+    return lines
 
 
 def _finite(value: Any) -> Any:
