@@ -48,7 +48,7 @@ class Settings(BaseSettings):
     provider_policy: Literal["fallback", "strict"] = Field(
         "fallback",
         description="`fallback`: serve on whatever providers ONNX Runtime activates, with a warning; "
-        "`strict`: refuse to load a model unless every requested provider is active.",
+        "`strict`: refuse to start unless every requested provider is active (exit code 3).",
     )
     fold_on_load: bool = Field(
         True, description="Fold (and verify) models that still have BatchNormalization nodes before serving."
@@ -93,3 +93,19 @@ class Settings(BaseSettings):
 
     def ort_providers(self) -> list[str]:
         return [PROVIDER_NAMES[p] for p in self.providers]
+
+
+def settings_table() -> str:
+    """The README's settings table (Markdown), generated from the fields above."""
+    rows = ["| Variable | Default | What it does |", "| --- | --- | --- |"]
+    for name, field in Settings.model_fields.items():
+        if field.default_factory is not None:
+            default = ",".join(field.default_factory())  # type: ignore[call-arg]
+        elif field.default is None:
+            default = "unset"
+        elif name == "model_repository":
+            default = "bundled"
+        else:
+            default = str(field.default).lower() if isinstance(field.default, bool) else str(field.default)
+        rows.append(f"| `BNFOLD_{name.upper()}` | `{default}` | {field.description} |")
+    return "\n".join(rows) + "\n"
