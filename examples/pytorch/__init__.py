@@ -1,0 +1,1 @@
+"""PyTorch in: train a model with BatchNorm, save it as TorchScript, fold it with bnfold, serve it."""
