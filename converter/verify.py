@@ -22,9 +22,10 @@ from onnx import ModelProto
 
 from converter.errors import InputError
 
-#: Default tolerances (atol, rtol): a few hundred float32 ulps of the output's magnitude, and for float16
-#: models the precision that float16 weights and activations allow.
-TOLERANCES: dict[str, tuple[float, float]] = {"float32": (1e-6, 1e-5), "float16": (1e-3, 2e-2)}
+#: Default tolerances (atol, rtol). float32: rtol 1e-4 is ~840 ulps of the output's magnitude; re-rounded folded
+#: weights accumulate ~1e-5 through a ResNet-50-sized net (53 folds), while a wrong fold (wrong axis, wrong group,
+#: wrong ε) shows up at 1e-2 and above. float16: what float16 weights and activations allow.
+TOLERANCES: dict[str, tuple[float, float]] = {"float32": (1e-6, 1e-4), "float16": (1e-3, 2e-2)}
 
 ModelSource = str | Path | bytes | ModelProto
 InputShapes = Mapping[str, Sequence[int]] | Sequence[int] | None

@@ -59,6 +59,7 @@ ORT_TO_V2 = {
 }
 
 _LEN = struct.Struct("<I")
+MAX_RANK = 32
 
 
 @dataclass
@@ -101,6 +102,8 @@ def element_count(name: str, shape: object, limit: int) -> tuple[tuple[int, ...]
         raise BadRequest(f"input '{name}': shape must be a list of integers")
     if any(d < 0 for d in shape):
         raise BadRequest(f"input '{name}': shape {shape} has a negative dimension")
+    if len(shape) > MAX_RANK or any(d > limit for d in shape):  # an empty tensor can still have absurd dims
+        raise BadRequest(f"input '{name}': shape {shape[:MAX_RANK]} is beyond the limits")
     count = math.prod(shape)
     if count > limit:
         raise BadRequest(f"input '{name}': shape {shape} has {count} elements, above the limit of {limit}")

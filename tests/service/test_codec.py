@@ -144,7 +144,8 @@ MALFORMED = {
     "bytes left over": (lambda: framed(one(8), b"\0" * 12), "4 bytes... "[:0] + "follow the header"),
     "negative size": (lambda: framed(one(-1)), "non-negative"),
     "size is a string": (lambda: framed(one("8"), b"\0" * 8), "non-negative"),  # type: ignore[arg-type]
-    "huge declared shape": (lambda: framed(one(8, shape=[1 << 40, 1 << 20]), b"\0" * 8), "above the limit"),
+    "huge declared shape": (lambda: framed(one(8, shape=[1 << 10, 1 << 12]), b"\0" * 8), "above the limit"),
+    "absurd dim of an empty tensor": (lambda: framed(one(0, shape=[0, 1 << 62])), "beyond the limits"),
     "negative dim": (lambda: framed(one(8, shape=[-1, 2]), b"\0" * 8), "negative dimension"),
     "float dim": (lambda: framed(one(8, shape=[1.5, 2]), b"\0" * 8), "list of integers"),  # type: ignore[list-item]
     "bool out of range": (lambda: framed(one(2, "BOOL"), b"\x00\x07"), "0 or 1"),
