@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 from types import FrameType
 from typing import Any
 
+import onnxruntime as ort
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -64,6 +65,7 @@ class Service:
 
     async def start(self) -> None:
         s = self.settings
+        ort.disable_telemetry_events()  # a server has no business phoning home (and a read-only root complains)
         self.scheduler = Scheduler(s.max_concurrency, s.max_queue, s.retry_after_seconds)
         await self.repository.load_all()
         self.started = True

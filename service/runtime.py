@@ -304,6 +304,8 @@ def load_model(name: str, version: str, path: Path, config: ModelConfig, setting
     except ConversionError as exc:
         raise ModelLoadError(f"{path}: cannot fold: {exc}") from None
     requested = _providers(config, settings)
+    if "CUDAExecutionProvider" in requested and hasattr(ort, "preload_dlls"):
+        ort.preload_dlls()  # CUDA/cuDNN from the nvidia-* wheels: the provider library has no RUNPATH to them
     options = ort.SessionOptions()
     options.graph_optimization_level = OPT_LEVELS[settings.graph_optimization_level]
     options.intra_op_num_threads = settings.intra_op_threads

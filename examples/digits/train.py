@@ -98,6 +98,7 @@ def save_atomically(model: onnx.ModelProto, path: Path) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(model.SerializeToString())
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; a shipped model must be readable by the service user
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
