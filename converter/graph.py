@@ -254,10 +254,10 @@ class Graph:
             for name in self.initializers
             if not self.users(name) and name not in self.outputs and name not in self.inputs
         }
-        if dead:
-            keep = [t for t in self.graph.initializer if t.name not in dead]
-            self.graph.ClearField("initializer")
-            self.graph.initializer.extend(keep)
+        if dead:  # deleted in place: rebuilding the list would copy every kept tensor
+            for i in reversed(range(len(self.graph.initializer))):
+                if self.graph.initializer[i].name in dead:
+                    del self.graph.initializer[i]
             self.initializers = {t.name: t for t in self.graph.initializer}
             removed += len(dead)
         return removed

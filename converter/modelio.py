@@ -9,10 +9,11 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import onnx
-from google.protobuf.message import DecodeError
-from onnx import ModelProto, TensorProto
+from google.protobuf.message import DecodeError, Message
+from onnx import GraphProto, ModelProto, TensorProto
 from onnx.external_data_helper import load_external_data_for_model
 
 from converter.errors import InputError
@@ -30,12 +31,21 @@ class Loaded:
 
 
 def load(path: str | os.PathLike[str]) -> Loaded:
-    """Load and check an ONNX file; any defect of the file is an :class:`InputError` with one line."""
+    """Load and check an ONNX file; any defect of the file is an :class:`InputError` with one line.
+
+    onnx.checker reads the file itself (in C++, external data and > 2 GiB models included) before Python parses
+    it, so its copy of the model is gone before ours exists: the peak is one model, not three.
+    """
     p = Path(path)
     if not p.exists():
         raise InputError(f"{p}: no such file")
     if p.is_dir():
         raise InputError(f"{p}: is a directory, not an ONNX file")
+    problem: Exception | None = None
+    try:
+        onnx.checker.check_model(str(p))
+    except Exception as exc:  # classified below, once we know whether the file parses at all
+        problem = exc
     try:
         model = onnx.load(str(p), load_external_data=False)
     except (DecodeError, RuntimeError, ValueError, UnicodeDecodeError) as exc:
@@ -50,14 +60,20 @@ def load(path: str | os.PathLike[str]) -> Loaded:
             load_external_data_for_model(model, str(p.parent))
         except (OSError, ValueError, onnx.checker.ValidationError) as exc:
             raise InputError(f"{p}: external data cannot be loaded ({_first_line(exc)})") from None
-    check(model, str(p))
+    if problem is not None:
+        raise InputError(f"{p}: invalid ONNX model ({_first_line(problem)})")
     return Loaded(model, p, external)
 
 
+def weights_size(model: ModelProto) -> int:
+    """Serialised size of the initializers, tensor by tensor (``model.ByteSize()`` would serialise it all)."""
+    return sum(t.ByteSize() for t in model.graph.initializer)
+
+
 def check(model: ModelProto, what: str = "model") -> None:
-    """onnx.checker on the model; a failure is an InputError naming the first problem."""
+    """onnx.checker on an in-memory model; a failure is an InputError naming the first problem."""
     try:
-        if model.ByteSize() < (1 << 31) - 1:
+        if weights_size(model) < (1 << 31) - (64 << 20):  # the checker takes the model as one protobuf message
             onnx.checker.check_model(model)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError, ValueError) as exc:
         raise InputError(f"{what}: invalid ONNX model ({_first_line(exc)})") from None
@@ -72,6 +88,51 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0][:300] if text else type(exc).__name__
 
 
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+_GRAPH = _varint(7 << 3 | 2)  # ModelProto.graph: field 7, length-delimited
+_INITIALIZER = _varint(5 << 3 | 2)  # GraphProto.initializer: field 5, length-delimited
+
+
+def _copy_except(src: Message, dst: Message, skip: str) -> None:
+    """Copy every set field of ``src`` but ``skip`` into ``dst``."""
+    for field, value in src.ListFields():
+        if field.name == skip:
+            continue
+        repeated = getattr(field, "is_repeated", None)  # protobuf >= 5.28; `label` before (and gone in 7)
+        if repeated is None:
+            repeated = field.label == field.LABEL_REPEATED
+        if repeated:
+            getattr(dst, field.name).extend(value)
+        elif field.message_type is not None:
+            getattr(dst, field.name).CopyFrom(value)
+        else:
+            setattr(dst, field.name, value)
+
+
+def write_model(model: ModelProto, out: BinaryIO) -> None:
+    """Serialise ``model`` one initializer at a time: the same message a parser reads back as ``model``, without
+    ever holding a second copy of the weights (``SerializeToString`` would briefly need two)."""
+    shell, graph = ModelProto(), GraphProto()
+    _copy_except(model, shell, skip="graph")
+    _copy_except(model.graph, graph, skip="initializer")
+    head = graph.SerializeToString()
+    sizes = [t.ByteSize() for t in model.graph.initializer]
+    length = len(head) + sum(len(_INITIALIZER) + len(_varint(n)) + n for n in sizes)
+    out.write(shell.SerializeToString())
+    out.write(_GRAPH + _varint(length) + head)
+    for tensor, size in zip(model.graph.initializer, sizes, strict=True):
+        out.write(_INITIALIZER + _varint(size))
+        out.write(tensor.SerializeToString())
+
+
 class Staged:
     """A model written beside its destination under a temporary name; :meth:`commit` renames it into place."""
 
@@ -84,7 +145,7 @@ class Staged:
     def write(self, model: ModelProto, external_data: bool | None = None) -> None:
         """Serialise ``model``; with external data when asked, or when it is too large for one message."""
         if external_data is None:
-            external_data = model.ByteSize() > EXTERNAL_DATA_THRESHOLD
+            external_data = weights_size(model) > EXTERNAL_DATA_THRESHOLD
         try:
             if external_data:
                 self.data_name = f"{self.final.name}.data"
@@ -97,7 +158,8 @@ class Staged:
                     size_threshold=1024,
                 )
             else:
-                onnx.save_model(model, str(self.path))
+                with open(self.path, "wb") as f:
+                    write_model(model, f)
         except OSError as exc:
             raise InputError(f"{self.final}: cannot write ({exc.strerror or exc})") from None
 

@@ -14,12 +14,12 @@ import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
-
-from pydantic import ValidationError
+from typing import TYPE_CHECKING, Any
 
 from converter import cli as converter_cli
-from service.settings import Settings
+
+if TYPE_CHECKING:
+    from service.settings import Settings
 
 STARTUP_FAILED = 3
 log = logging.getLogger("bnfold.service")
@@ -48,6 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run_serve(args: argparse.Namespace) -> int:
+    # imported here: convert/inspect start faster and lighter without the web stack and pydantic
+    from pydantic import ValidationError  # noqa: PLC0415
+
+    from service.settings import Settings  # noqa: PLC0415
+
     overrides: dict[str, Any] = {
         "model": args.model,
         "model_repository": args.model_repository,
