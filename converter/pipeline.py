@@ -280,6 +280,7 @@ def convert_file(
 def inspect_model(src: str | os.PathLike[str] | ModelProto, options: Options | None = None) -> Report:
     """What a conversion would do, without verifying or writing anything."""
     options = replace(options or Options(), verify=False)
+    exported: torch_export.Exported | None = None
     if isinstance(src, ModelProto):
         model, source = ModelProto(), None
         model.CopyFrom(src)
@@ -294,6 +295,7 @@ def inspect_model(src: str | os.PathLike[str] | ModelProto, options: Options | N
     report.source = source
     if exported is not None:
         report.notes.extend(exported.notes)
+    report.notes.append("inspect: nothing was verified or written")
     return report
 
 

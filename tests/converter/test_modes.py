@@ -151,3 +151,14 @@ def test_report_counts_and_json_round_trip() -> None:
     assert data["layers"][0]["action"] == "folded"
     assert data["verification"]["passed"] is True
     assert "folded" in report.to_text() and "verification passed" in report.to_text()
+
+
+def test_inspect_an_in_memory_model_leaves_it_untouched() -> None:
+    from converter import inspect_model
+
+    m = small_resnet()
+    before = m.SerializeToString()
+    report = inspect_model(m)
+    assert report.verification is None and report.folded
+    assert "nothing was verified or written" in report.to_text()
+    assert m.SerializeToString() == before
