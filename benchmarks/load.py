@@ -278,6 +278,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     server_cpus = None if args.no_pin else args.server_cpus
     client_cpus = None if args.no_pin else args.client_cpus
     body = BODY.read_bytes()
+    host = machine()  # load average before the run
     with tempfile.TemporaryDirectory(prefix="bnfold-load-") as tmpdir:
         tmp = Path(tmpdir)
         script = tmp / "load.lua"
@@ -355,7 +356,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "all_met": all(t["met"] for t in targets),
         "server_log_tail": log,
         "versions": versions(),
-        "machine": machine(),
+        "machine": host,
     }
 
 
