@@ -214,3 +214,38 @@ def test_versions_added_or_replaced_while_serving_are_published_whole(tmp_path: 
         if "is not ready" in line:
             assert "model m version 1" in line or "model m version 2" in line, line
     assert all(len(answers) >= 10 for answers in seen.values()), {k: len(v) for k, v in seen.items()}
+
+
+# A version directory whose name str.isdigit() accepts but int() does not ("²", U+00B2): a file-system name
+# anyone can create by mistake. It must leave only itself out, at start and while the repository is polled.
+ODD_VERSION = "\u00b2"
+
+
+def test_an_odd_version_directory_at_start_does_not_stop_the_others(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    shutil.copytree(BUNDLED_REPOSITORY / "digits", repo / "digits")
+    shutil.copytree(BUNDLED_REPOSITORY / "digits" / "1", repo / "digits" / ODD_VERSION)
+    srv = start(tmp_path, "--model-repository", str(repo))
+    try:
+        assert call(srv.port, "POST", "/v2/models/digits/infer", infer_body([DIGITS])).status == 200
+        assert call(srv.port, "GET", "/v2/models/digits").json()["versions"] == ["1"]  # type: ignore[index]
+    finally:
+        assert srv.stop() == 0
+
+
+def test_an_odd_version_directory_added_while_serving_does_not_stop_reloads(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    shutil.copytree(BUNDLED_REPOSITORY / "digits", repo / "digits")
+    srv = start(tmp_path, "--model-repository", str(repo), env={"BNFOLD_REPOSITORY_POLL_SECONDS": "0.2"})
+    try:
+        shutil.copytree(BUNDLED_REPOSITORY / "digits" / "1", repo / "digits" / ODD_VERSION)
+        time.sleep(0.5)  # a few rescans see it
+        save(scale_model(2.0), repo, "added")  # then a model is added: it must still be picked up
+        body = infer_body([{"name": "x", "shape": [4], "datatype": "FP32", "data": X}])
+        wait_until(
+            lambda: call(srv.port, "POST", "/v2/models/added/infer", body).status == 200, 10, 0.2, "'added' served"
+        )
+        assert call(srv.port, "POST", "/v2/models/digits/infer", infer_body([DIGITS])).status == 200
+    finally:
+        assert srv.stop() == 0
+    assert "Traceback" not in srv.output(), srv.output()[-3000:]
