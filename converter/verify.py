@@ -172,8 +172,16 @@ def verify(
     seed: int = 0,
     reference: str = "the original model",
 ) -> Verification:
-    """Run both models on the same inputs and compare every output of the original."""
-    sess = session(original)
+    """Run both models on the same inputs and compare every output of the original.
+
+    An original that ONNX Runtime cannot run is the input's fault (InputError); a converted model that it cannot
+    run is a failed conversion (raised as is, reported by the caller as a verification failure).
+    """
+    try:
+        sess = session(original)
+    except Exception as exc:  # ORT raises several unrelated types for models it refuses
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise InputError(f"the original model does not run in ONNX Runtime: {first}") from None
     shapes = resolve_shapes(sess.get_inputs(), input_shapes)
     feeds = random_inputs(sess.get_inputs(), shapes, seed)
     names = [o.name for o in sess.get_outputs()]

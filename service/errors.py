@@ -33,6 +33,12 @@ class NotFound(ServiceError):
     status = 404
 
 
+class RequestTimeout(ServiceError):
+    """The body did not arrive in time (a slow client must not hold a queue place forever)."""
+
+    status = 408
+
+
 class PayloadTooLarge(ServiceError):
     status = 413
 

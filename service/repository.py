@@ -50,9 +50,17 @@ def discover(root: Path) -> dict[str, dict[int, Path]]:
             continue
         for version_dir in model_dir.iterdir():
             path = version_dir / MODEL_FILE
-            if version_dir.name.isdigit() and int(version_dir.name) > 0 and path.is_file():
-                found.setdefault(model_dir.name, {})[int(version_dir.name)] = path
+            version = version_number(version_dir.name)
+            if version is not None and path.is_file():
+                found.setdefault(model_dir.name, {})[version] = path
     return found
+
+
+def version_number(text: str) -> int | None:
+    """A version is a positive decimal integer in ASCII ('²' is a digit to str.isdigit, not to int)."""
+    if not (text.isascii() and text.isdigit()) or len(text) > 18 or int(text) == 0:
+        return None
+    return int(text)
 
 
 def signature(path: Path) -> Signature | None:
@@ -79,9 +87,9 @@ class Repository:
             if not state.ready:
                 raise Unavailable(f"model '{name}' is not ready: {self._why(state)}")
             return state.ready[max(state.ready)]
-        if not version.isdigit():
-            raise NotFound(f"unknown version '{version}' of model '{name}'")
-        v = int(version)
+        v = version_number(version)
+        if v is None:
+            raise NotFound(f"unknown version '{version[:64]}' of model '{name}'")
         if v in state.ready:
             return state.ready[v]
         if v in state.failed:

@@ -19,7 +19,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from service import __version__
-from service.errors import BadRequest, PayloadTooLarge, ServiceError, UnsupportedEncoding
+from service.errors import BadRequest, PayloadTooLarge, RequestTimeout, ServiceError, UnsupportedEncoding
 from service.metrics import CONTENT_TYPE
 from service.protocol import (
     EXTENSIONS,
@@ -46,6 +46,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 }
 INFER_ERRORS: dict[int | str, dict[str, Any]] = {
     **ERRORS,
+    408: {"model": Error, "description": "Body not received within BNFOLD_BODY_TIMEOUT_SECONDS"},
     413: {"model": Error, "description": "Body larger than BNFOLD_MAX_BODY_BYTES"},
     415: {"model": Error, "description": "Content-Encoding other than gzip, deflate or identity"},
     504: {"model": Error, "description": "The request's timeout parameter expired"},
@@ -86,46 +87,72 @@ async def metrics(request: Request) -> Response:
 
 
 # ------------------------------------------------------------------------------------- model endpoints
+# Each endpoint has an unversioned and a versioned route, with separate handlers so that neither publishes a
+# parameter it does not take.
 @router.get("/v2/models/{model_name}", response_model=ModelMetadata, responses=ERRORS, tags=["models"])
+async def model_metadata(request: Request, model_name: str) -> Response:
+    return _metadata(request, model_name, None)
+
+
 @router.get(
     "/v2/models/{model_name}/versions/{model_version}",
     response_model=ModelMetadata,
     responses=ERRORS,
     tags=["models"],
 )
-async def model_metadata(request: Request, model_name: str, model_version: str | None = None) -> Response:
+async def model_version_metadata(request: Request, model_name: str, model_version: str) -> Response:
+    return _metadata(request, model_name, model_version)
+
+
+def _metadata(request: Request, name: str, version: str | None) -> Response:
     svc = service(request)
     svc.authorize(request)
-    model = svc.repository.get(model_name, model_version)
-    return json_response(model.metadata(svc.repository.models[model_name].versions()))
+    model = svc.repository.get(name, version)
+    return json_response(model.metadata(svc.repository.models[name].versions()))
 
 
 @router.get("/v2/models/{model_name}/ready", response_model=ModelReady, responses=ERRORS, tags=["models"])
+async def model_ready(request: Request, model_name: str) -> Response:
+    return _ready(request, model_name, None)
+
+
 @router.get(
     "/v2/models/{model_name}/versions/{model_version}/ready",
     response_model=ModelReady,
     responses=ERRORS,
     tags=["models"],
 )
-async def model_ready(request: Request, model_name: str, model_version: str | None = None) -> Response:
+async def model_version_ready(request: Request, model_name: str, model_version: str) -> Response:
+    return _ready(request, model_name, model_version)
+
+
+def _ready(request: Request, name: str, version: str | None) -> Response:
     svc = service(request)
     svc.authorize(request)
     try:
-        model = svc.repository.get(model_name, model_version)
+        model = svc.repository.get(name, version)
     except ServiceError as exc:
         if exc.status != 503:
             raise
-        return json_response({"name": model_name, "version": model_version, "ready": False}, 503)
+        return json_response({"name": name, "version": version, "ready": False}, 503)
     ok = not svc.draining
     return json_response({"name": model.name, "version": model.version, "ready": ok}, 200 if ok else 503)
 
 
 @router.get("/v2/models/{model_name}/config", responses=ERRORS, tags=["models"])
+async def model_config(request: Request, model_name: str) -> Response:
+    return _config(request, model_name, None)
+
+
 @router.get("/v2/models/{model_name}/versions/{model_version}/config", responses=ERRORS, tags=["models"])
-async def model_config(request: Request, model_name: str, model_version: str | None = None) -> Response:
+async def model_version_config(request: Request, model_name: str, model_version: str) -> Response:
+    return _config(request, model_name, model_version)
+
+
+def _config(request: Request, name: str, version: str | None) -> Response:
     svc = service(request)
     svc.authorize(request)
-    return json_response(svc.repository.get(model_name, model_version).triton_config())
+    return json_response(svc.repository.get(name, version).triton_config())
 
 
 # ------------------------------------------------------------------------------------------- inference
@@ -159,6 +186,10 @@ INFER_DOC = {
     openapi_extra=INFER_DOC,
     tags=["inference"],
 )
+async def infer(request: Request, model_name: str) -> Response:
+    return await _infer(request, model_name, None)
+
+
 @router.post(
     "/v2/models/{model_name}/versions/{model_version}/infer",
     response_model=InferenceResponse,
@@ -166,7 +197,11 @@ INFER_DOC = {
     openapi_extra=INFER_DOC,
     tags=["inference"],
 )
-async def infer(request: Request, model_name: str, model_version: str | None = None) -> Response:
+async def infer_version(request: Request, model_name: str, model_version: str) -> Response:
+    return await _infer(request, model_name, model_version)
+
+
+async def _infer(request: Request, model_name: str, model_version: str | None) -> Response:
     started = time.monotonic()
     svc = service(request)
     svc.authorize(request)
@@ -178,7 +213,7 @@ async def infer(request: Request, model_name: str, model_version: str | None = N
         async with svc.scheduler.admit():
             m.in_flight.inc()
             try:
-                body = await read_body(request, svc.settings.max_body_bytes)
+                body = await read_body(request, svc.settings.max_body_bytes, svc.settings.body_timeout_seconds)
                 header_length = _header_length(request)
                 prepare = functools.partial(model.prepare, body, header_length, svc.settings.max_elements)
                 if len(body) > DECODE_IN_THREAD_BYTES:
@@ -217,23 +252,34 @@ def _header_length(request: Request) -> int | None:
     value = request.headers.get("inference-header-content-length")
     if value is None:
         return None
-    value = value.strip()
-    if not value.isdigit():
+    number = _decimal(value)
+    if number is None:
         raise BadRequest(f"Inference-Header-Content-Length must be a non-negative integer, not {value[:40]!r}")
-    return int(value)
+    return number
 
 
-async def read_body(request: Request, limit: int) -> bytes:
+def _decimal(value: str) -> int | None:
+    """A non-negative ASCII decimal of at most 18 digits ('²' passes str.isdigit but not int)."""
+    value = value.strip()
+    return int(value) if value.isascii() and value.isdigit() and len(value) <= 18 else None
+
+
+async def read_body(request: Request, limit: int, timeout: float) -> bytes:
     """The request body, decompressed, never more than ``limit`` bytes at any point."""
     declared = request.headers.get("content-length")
-    if declared is not None and declared.strip().isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"body of {int(declared)} bytes is larger than the limit of {limit}")
+    size_declared = None if declared is None else _decimal(declared)
+    if declared is not None and (size_declared is None or size_declared > limit):
+        raise PayloadTooLarge(f"body of {declared.strip()[:40]} bytes is larger than the limit of {limit}")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"body is larger than the limit of {limit} bytes")
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(timeout):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise PayloadTooLarge(f"body is larger than the limit of {limit} bytes")
+                chunks.append(chunk)
+    except TimeoutError:
+        raise RequestTimeout(f"request body not received within {timeout:g} s") from None
     body = b"".join(chunks)
     encoding = request.headers.get("content-encoding", "identity").strip().lower()
     if encoding in ("", "identity"):

@@ -151,6 +151,7 @@ def limited(repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Se
             "BNFOLD_MAX_QUEUE": "1",
             "BNFOLD_API_KEY": "s3cret",
             "BNFOLD_RETRY_AFTER_SECONDS": "2",
+            "BNFOLD_BODY_TIMEOUT_SECONDS": "1",
         },
     )
     yield srv
@@ -263,3 +264,17 @@ def test_http_client_sees_connection_survive_errors(server: Server) -> None:
         for _ in range(3):
             assert http.post("/v2/models/nope/infer", json={}).status_code == 404
         assert http.get("/v2/health/ready").status_code == 200
+
+
+def test_a_body_that_never_arrives_is_408_and_frees_its_place(limited: Server) -> None:
+    import socket
+
+    with socket.create_connection(("127.0.0.1", limited.port), timeout=10) as sock:
+        sock.sendall(
+            b"POST /v2/models/digits/infer HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer s3cret\r\n"
+            b'Content-Length: 100\r\n\r\n{"inputs"'
+        )
+        reply = sock.recv(4096).decode()
+    assert reply.startswith("HTTP/1.1 408") and "not received within 1 s" in reply
+    with limited.client(headers=AUTH) as http:
+        assert http.post("/v2/models/digits/infer", json=body(PIXELS)).status_code == 200
