@@ -1,0 +1,1017 @@
+"""Serving benchmark (issue 3): in-process ONNX Runtime vs ``bnfold serve`` vs MLServer, one machine, one model.
+
+Two models built in code, each with BatchNorm (bnfold folds it on load; MLServer gets the already-folded file,
+so both serve the same graph):
+
+- ``tiny``: input 1×20 FP32; Gemm 20→64 + BatchNormalization + Relu + Gemm 64→10.
+- ``conv224`` (default image model): input 1×3×224×224 FP32; four Conv(3×3, stride 2)+BN+Relu stages
+  (3→16→32→64→128 channels), global average pool, Gemm 128→10. ``--image-model resnet10`` uses
+  ``converter.zoo.resnet(blocks=(1, 1, 1, 1))`` instead (about 50× the compute: overhead hides in its noise).
+
+What runs (``--rounds`` rounds; in each, every cell once, cells of one (model, concurrency) back to back with
+their order rotated every round, so drift on a noisy machine lands on all servers alike):
+
+- in-process baseline: a child process with the server's CPU pinning loads each model through the service's
+  own ``service.runtime.load_model`` with default ``Settings()`` (so: the same folded graph and session
+  options), then times, in turn, ``session.run`` alone and the service's request path without HTTP
+  (``LoadedModel.prepare`` + ``execute``: decode, validate, run, encode) for the JSON and the binary body;
+- ``bnfold serve --model-repository DIR --port P`` (a subprocess, default settings: no ``BNFOLD_*`` variables
+  except ``BNFOLD_INTRA_OP_THREADS`` when pinned, see ``--intra-op-threads``);
+- MLServer (its own virtualenv, ``benchmarks/mlserver_runtime.py`` as the runtime, the same session options,
+  JSON only: it has no binary tensor extension; ``debug`` off so that it keeps no access log, as bnfold;
+  ``parallel_workers`` 0: inference in the server process, see ``--mlserver-workers``);
+- the client: ``wrk`` (one thread, ``--concurrency`` connections, keep-alive) with a Lua script that POSTs
+  one fixed body: the V2 JSON request, or the binary-extension request (JSON header + raw FP32 bytes,
+  ``Inference-Header-Content-Length``, ``binary_data_output: true``). wrk measures every figure here from
+  the client side: latency percentiles at concurrency 1, requests/s at 8 and 32.
+
+Servers and the baseline are pinned to CPU 0, wrk and this script to CPU 1 (``--no-pin`` turns that off). When
+pinned, ONNX Runtime gets as many intra-op threads as the servers have CPUs (bnfold, MLServer and the baseline
+alike): its default (0) counts the machine's cores, ignores the affinity, and pins a pool thread to CPU 1.
+
+    .venv/bin/python -m benchmarks.serving                  # full run (~8 min), benchmarks/results/serving.json
+    .venv/bin/python -m benchmarks.serving --quick          # sanity run (~1 min)
+    .venv/bin/python -m benchmarks.serving --skip-mlserver  # without the MLServer comparison
+
+Needs ``wrk`` on PATH (Debian: ``apt-get install wrk``) and, unless ``--skip-mlserver``, an MLServer
+virtualenv (``--mlserver-python``, default ``$BNFOLD_MLSERVER_PYTHON`` or ``/work/mlserver-venv/bin/python``):
+``python3 -m venv /work/mlserver-venv && /work/mlserver-venv/bin/pip install mlserver onnxruntime httptools``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import http.client
+import importlib.metadata
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+HERE = Path(__file__).resolve().parent
+DEFAULT_OUT = HERE / "results" / "serving.json"
+DEFAULT_MLSERVER_PYTHON = os.environ.get("BNFOLD_MLSERVER_PYTHON", "/work/mlserver-venv/bin/python")
+CONCURRENCY = (1, 8, 32)
+INTRA_OP_NOTE = (
+    "ORT's default (0) sizes the intra-op pool by the machine's cores, not by the process's CPU affinity, and "
+    "pins the extra pool threads to the other cores: under taskset -c 0 on 2 cores a session still runs a "
+    "thread on CPU 1 (the load generator's). Pinned runs therefore set the thread count to the server's CPUs."
+)
+TARGET_OVERHEAD_MS = {("tiny", "json"): 0.5, ("image", "binary"): 2.0}
+TARGET_RATIO = 2.5
+TARGET_RATIO_CONCURRENCY = 8
+#: bnfold's session options (service/runtime.py with default settings): what the MLServer runtime gets too;
+#: ``intra_op_num_threads`` is set per run (``--intra-op-threads``).
+SESSION_OPTIONS = {"graph_optimization_level": "all", "intra_op_num_threads": 0, "inter_op_num_threads": 1}
+
+LUA = r"""
+-- POST one fixed body read from a file; args: BODY_FILE HEADER_LENGTH|- CONTENT_TYPE
+function init(args)
+  local f = assert(io.open(args[1], "rb"))
+  wrk.body = f:read("*a")
+  f:close()
+  wrk.method = "POST"
+  wrk.headers["Content-Type"] = args[3]
+  if args[2] ~= "-" then
+    wrk.headers["Inference-Header-Content-Length"] = args[2]
+  end
+end
+
+function done(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    'BENCH_JSON {"requests": %d, "duration_us": %d, "bytes": %d, "connect": %d, "read": %d, "write": %d, ' ..
+    '"status": %d, "timeout": %d, "p50_us": %d, "p90_us": %d, "p99_us": %d, "p999_us": %d, "mean_us": %.1f, ' ..
+    '"min_us": %d, "max_us": %d}\n',
+    summary.requests, summary.duration, summary.bytes, e.connect, e.read, e.write, e.status, e.timeout,
+    latency:percentile(50), latency:percentile(90), latency:percentile(99), latency:percentile(99.9),
+    latency.mean, latency.min, latency.max))
+end
+"""
+
+
+# ------------------------------------------------------------------------------------------------ models
+def build_tiny() -> Any:
+    from converter.zoo import Builder
+
+    b = Builder(seed=0)
+    x = b.input("input", [1, 20])
+    h = b.relu(b.bn(b.gemm(x, 20, 64), 64))
+    b.output(b.gemm(h, 64, 10), "logits")
+    return b.build("tiny")
+
+
+def build_conv224() -> Any:
+    from converter.zoo import Builder, conv_bn
+
+    b = Builder(seed=0)
+    x = b.input("input", [1, 3, 224, 224])
+    cin = 3
+    for cout in (16, 32, 64, 128):
+        x = b.relu(conv_bn(b, x, cin, cout, 3, 2))
+        cin = cout
+    b.output(b.gemm(b.global_pool(x), cin, 10), "logits")
+    return b.build("conv224")
+
+
+def build_resnet10() -> Any:
+    from converter import zoo
+
+    return zoo.resnet(blocks=(1, 1, 1, 1), classes=1000)
+
+
+IMAGE_MODELS: dict[str, tuple[Callable[[], Any], str]] = {
+    "conv224": (
+        build_conv224,
+        "1×3×224×224 FP32; 4× [Conv 3×3 s2 + BN + Relu] (3→16→32→64→128), GlobalAveragePool, Gemm 128→10",
+    ),
+    "resnet10": (build_resnet10, "1×3×224×224 FP32; converter.zoo.resnet(blocks=(1,1,1,1)), 1000 classes"),
+}
+TINY_DESCRIPTION = "1×20 FP32; Gemm 20→64 + BatchNormalization + Relu + Gemm 64→10"
+
+
+@dataclass
+class Bench:
+    """One model as the benchmark uses it: files, request bodies, the reference output."""
+
+    name: str
+    role: str  # "tiny" or "image" (which overhead target applies)
+    description: str
+    input_name: str
+    input: np.ndarray
+    reference: np.ndarray  # in-process output of the folded model
+    output_name: str
+    json_body: Path
+    binary_body: Path
+    binary_header_length: int
+    body_bytes: dict[str, int]
+    nodes: dict[str, int]
+
+
+def prepare_models(tmp: Path, image_model: str) -> list[Bench]:
+    """bnfold repository (models with BN), MLServer repository (folded files), request bodies."""
+    import onnx
+    import onnxruntime as ort
+    import orjson
+
+    import converter
+
+    rng = np.random.default_rng(0)
+    benches = []
+    specs = [("tiny", "tiny", build_tiny, TINY_DESCRIPTION), (image_model, "image", *IMAGE_MODELS[image_model])]
+    for name, role, make, description in specs:
+        model = make()
+        folded = converter.convert(model).model
+        src = tmp / "bnfold" / name / "1"
+        src.mkdir(parents=True)
+        onnx.save(model, str(src / "model.onnx"))
+        dst = tmp / "mlserver" / name
+        dst.mkdir(parents=True)
+        onnx.save(folded, str(dst / "model.onnx"))
+        inp = model.graph.input[0]
+        shape = [d.dim_value for d in inp.type.tensor_type.shape.dim]
+        x = rng.standard_normal(shape).astype(np.float32)
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        sess = ort.InferenceSession(folded.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        out_name = sess.get_outputs()[0].name
+        reference = sess.run([out_name], {inp.name: x})[0]
+        # the JSON body as a V2 client sends it: float32 values written as Python floats (shortest repr)
+        json_body = orjson.dumps(
+            {"inputs": [{"name": inp.name, "shape": shape, "datatype": "FP32", "data": x.ravel().tolist()}]}
+        )
+        raw = x.tobytes()
+        header = orjson.dumps(
+            {
+                "inputs": [
+                    {
+                        "name": inp.name,
+                        "shape": shape,
+                        "datatype": "FP32",
+                        "parameters": {"binary_data_size": len(raw)},
+                    }
+                ],
+                "parameters": {"binary_data_output": True},
+            }
+        )
+        bodies = tmp / "bodies"
+        bodies.mkdir(exist_ok=True)
+        (bodies / f"{name}.json").write_bytes(json_body)
+        (bodies / f"{name}.bin").write_bytes(header + raw)
+        benches.append(
+            Bench(
+                name=name,
+                role=role,
+                description=description,
+                input_name=inp.name,
+                input=x,
+                reference=reference,
+                output_name=out_name,
+                json_body=bodies / f"{name}.json",
+                binary_body=bodies / f"{name}.bin",
+                binary_header_length=len(header),
+                body_bytes={"json": len(json_body), "binary": len(header) + len(raw)},
+                nodes={
+                    "original": len(model.graph.node),
+                    "folded": len(folded.graph.node),
+                    "batchnorm_after_fold": sum(n.op_type == "BatchNormalization" for n in folded.graph.node),
+                },
+            )
+        )
+    return benches
+
+
+# ------------------------------------------------------------------------------------------------ pinning
+def parse_cpus(text: str) -> set[int]:
+    return {int(c) for c in text.split(",") if c.strip()}
+
+
+def pinned(cmd: list[str], cpus: set[int] | None) -> list[str]:
+    """``cmd`` run on ``cpus`` only (taskset execs it: the pid stays the command's)."""
+    if not cpus:
+        return cmd
+    return ["taskset", "-c", ",".join(str(c) for c in sorted(cpus)), *cmd]
+
+
+# ------------------------------------------------------------------------------------------------ servers
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@dataclass
+class Server:
+    name: str
+    port: int
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def infer_url(self, model: str) -> str:
+        return f"{self.url}/v2/models/{model}/infer"
+
+    def wait_ready(self, models: Sequence[str], timeout: float) -> float:
+        start = time.monotonic()
+        paths = ["/v2/health/ready", *(f"/v2/models/{m}/ready" for m in models)]
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{tail(self.log)}")
+            try:
+                if all(http_get(self.url + p) == 200 for p in paths):
+                    return time.monotonic() - start
+            except OSError:
+                pass
+            if time.monotonic() - start > timeout:
+                raise RuntimeError(f"{self.name} not ready after {timeout:.0f} s:\n{tail(self.log)}")
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGTERM)  # its own session: the server and its workers
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+
+
+def tail(path: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def http_get(url: str) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as r:
+            status: int = r.status
+            return status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("BNFOLD_", "MLSERVER_"))}
+    env.update(extra)
+    return env
+
+
+def start_bnfold(tmp: Path, cpus: set[int] | None, intra_op_threads: int) -> Server:
+    port = free_port()
+    log = tmp / "bnfold.log"
+    cmd = [sys.executable, "-m", "service", "serve", "--model-repository", str(tmp / "bnfold"), "--port", str(port)]
+    with log.open("wb") as f:
+        proc = subprocess.Popen(
+            pinned(cmd, cpus),
+            cwd=ROOT,
+            env=clean_env(**({"BNFOLD_INTRA_OP_THREADS": str(intra_op_threads)} if intra_op_threads else {})),
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    return Server("bnfold", port, proc, log)
+
+
+def mlserver_config(
+    tmp: Path, benches: Sequence[Bench], workers: int, session_options: dict[str, Any]
+) -> tuple[int, dict[str, Any]]:
+    root = tmp / "mlserver"
+    port = free_port()
+    settings = {
+        "host": "127.0.0.1",
+        "http_port": port,
+        "grpc_port": free_port(),
+        "metrics_port": free_port(),
+        "debug": False,  # MLServer's default True turns on uvicorn's access log; bnfold has none
+        # MLServer's default 1 runs inference in worker processes; with uvloop 0.23 MLServer 1.7.1's workers die
+        # at start (RuntimeError: no current event loop, in mlserver/parallel/worker.py _ignore_signals)
+        "parallel_workers": workers,
+        "load_models_at_startup": True,
+    }
+    (root / "settings.json").write_text(json.dumps(settings, indent=2))
+    for b in benches:
+        model_settings = {
+            "name": b.name,
+            "implementation": "mlserver_runtime.OnnxRuntimeModel",
+            "parameters": {"uri": "./model.onnx", "version": "1", "extra": session_options},
+        }
+        (root / b.name / "model-settings.json").write_text(json.dumps(model_settings, indent=2))
+    shutil.copy(HERE / "mlserver_runtime.py", root / "mlserver_runtime.py")
+    return port, settings
+
+
+def start_mlserver(tmp: Path, python: str, port: int, cpus: set[int] | None) -> Server:
+    root = tmp / "mlserver"
+    log = tmp / "mlserver.log"
+    mlserver = str(Path(python).parent / "mlserver")
+    with log.open("wb") as f:
+        proc = subprocess.Popen(
+            pinned([mlserver, "start", str(root)], cpus),
+            cwd=root,
+            env=clean_env(PYTHONPATH=str(root)),
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    return Server("mlserver", port, proc, log)
+
+
+# ------------------------------------------------------------------------------------------------ checks
+def post(url: str, body: bytes, header_length: int | None) -> tuple[int, dict[str, str], bytes]:
+    host, _, rest = url.removeprefix("http://").partition("/")
+    hostname, _, port = host.partition(":")
+    conn = http.client.HTTPConnection(hostname, int(port), timeout=60)
+    headers = {"Content-Type": "application/json" if header_length is None else "application/octet-stream"}
+    if header_length is not None:
+        headers["Inference-Header-Content-Length"] = str(header_length)
+    try:
+        conn.request("POST", "/" + rest, body=body, headers=headers)
+        r = conn.getresponse()
+        return r.status, {k.lower(): v for k, v in r.getheaders()}, r.read()
+    finally:
+        conn.close()
+
+
+def decode_output(headers: dict[str, str], body: bytes, name: str) -> np.ndarray:
+    length = headers.get("inference-header-content-length")
+    header = json.loads(body if length is None else body[: int(length)])
+    offset = 0 if length is None else int(length)
+    for out in header["outputs"]:
+        size = (out.get("parameters") or {}).get("binary_data_size")
+        if out["name"] == name:
+            if size is None:
+                return np.asarray(out["data"], dtype=np.float32).reshape(out["shape"])
+            return np.frombuffer(body[offset : offset + size], dtype=np.float32).reshape(out["shape"])
+        offset += size or 0
+    raise KeyError(name)
+
+
+def check(server: Server, bench: Bench, encoding: str) -> float:
+    """One request before the load: the answer must match the in-process output."""
+    body_path = bench.json_body if encoding == "json" else bench.binary_body
+    header_length = None if encoding == "json" else bench.binary_header_length
+    status, headers, body = post(server.infer_url(bench.name), body_path.read_bytes(), header_length)
+    if status != 200:
+        raise RuntimeError(f"{server.name}/{bench.name}/{encoding}: HTTP {status}: {body[:300]!r}")
+    got = decode_output(headers, body, bench.output_name)
+    diff = float(np.max(np.abs(got - bench.reference)))
+    scale = float(np.max(np.abs(bench.reference))) or 1.0
+    if diff > 1e-4 * scale:
+        raise RuntimeError(f"{server.name}/{bench.name}/{encoding}: output differs by {diff} from in-process")
+    return diff
+
+
+# ------------------------------------------------------------------------------------------------ wrk
+def run_wrk(
+    lua: Path,
+    url: str,
+    bench: Bench,
+    encoding: str,
+    connections: int,
+    seconds: float,
+    cpus: set[int] | None,
+    server_pid: int | None = None,
+) -> dict[str, Any]:
+    """One wrk run; with ``server_pid``, also the server's CPU time per request (user + system, all threads)."""
+    if encoding == "json":
+        args = [str(bench.json_body), "-", "application/json"]
+    else:
+        args = [str(bench.binary_body), str(bench.binary_header_length), "application/octet-stream"]
+    cmd = ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--timeout", "30s", "-s", str(lua)]
+    cmd += [url, "--", *args]
+    cpu_before = cpu_seconds(server_pid)
+    proc = subprocess.run(pinned(cmd, cpus), check=False, capture_output=True, text=True, timeout=seconds + 120)
+    cpu_after = cpu_seconds(server_pid)
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("BENCH_JSON ")), None)
+    if proc.returncode != 0 or line is None:
+        raise RuntimeError(f"wrk failed ({proc.returncode}): {proc.stdout[-500:]} {proc.stderr[-500:]}")
+    r: dict[str, Any] = json.loads(line.removeprefix("BENCH_JSON "))
+    r["errors"] = sum(r[k] for k in ("connect", "read", "write", "status", "timeout"))
+    r["rps"] = r["requests"] / (r["duration_us"] / 1e6)
+    if cpu_before is not None and cpu_after is not None and r["requests"]:
+        r["server_cpu_us_per_request"] = (cpu_after - cpu_before) / r["requests"] * 1e6
+    return r
+
+
+def cpu_seconds(pid: int | None) -> float | None:
+    """User + system CPU seconds of a process, all its threads (Linux /proc); None elsewhere."""
+    if pid is None:
+        return None
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+# ------------------------------------------------------------------------------------------------ baseline
+def baseline_worker(spec_path: Path) -> int:
+    """Child process (pinned like the server): session.run and the service's request path, no HTTP."""
+    from service.runtime import ModelConfig, load_model
+    from service.settings import Settings
+
+    spec = json.loads(spec_path.read_text())
+    settings = Settings(model_repository=Path(spec["repository"]), intra_op_threads=spec["intra_op_threads"])
+    results: dict[str, Any] = {"threads": None, "models": {}}
+    for m in spec["models"]:
+        path = Path(spec["repository"]) / m["name"] / "1" / "model.onnx"
+        model = load_model(m["name"], "1", path, ModelConfig(), settings)
+        x = np.load(m["input"])
+        bodies = {
+            "json": (Path(m["json_body"]).read_bytes(), None),
+            "binary": (Path(m["binary_body"]).read_bytes(), m["binary_header_length"]),
+        }
+        calls = in_process_calls(model, {m["input_name"]: x}, bodies, settings.max_elements)
+        for fn in calls.values():  # warm up
+            for _ in range(5):
+                fn()
+        samples: dict[str, list[float]] = {k: [] for k in calls}
+        deadline = time.perf_counter() + spec["seconds"]
+        while time.perf_counter() < deadline:
+            for key, fn in calls.items():  # in turn: drift hits all three alike
+                t0 = time.perf_counter_ns()
+                fn()
+                samples[key].append((time.perf_counter_ns() - t0) / 1e6)
+        results["models"][m["name"]] = samples
+    results["threads"] = len(os.listdir("/proc/self/task")) if os.path.isdir("/proc/self/task") else None
+    results["affinity"] = sorted(os.sched_getaffinity(0))
+    sys.stdout.write(json.dumps(results))
+    return 0
+
+
+def in_process_calls(
+    model: Any, feeds: dict[str, np.ndarray], bodies: dict[str, tuple[bytes, int | None]], max_elements: int
+) -> dict[str, Callable[[], None]]:
+    """``session.run`` alone, and the service's request path without HTTP for each body."""
+    import onnxruntime as ort
+
+    from service.runtime import Timing
+
+    def session_run() -> None:
+        model.session.run(None, feeds)
+
+    def service_path(body: bytes, header_length: int | None) -> Callable[[], None]:
+        def call() -> None:
+            prepared = model.prepare(body, header_length, max_elements)
+            model.execute(prepared, ort.RunOptions(), Timing())
+
+        return call
+
+    calls = {"session_run": session_run}
+    for enc, (body, header_length) in bodies.items():
+        calls[f"service_path_{enc}"] = service_path(body, header_length)
+    return calls
+
+
+def run_baseline(
+    tmp: Path, benches: Sequence[Bench], seconds: float, cpus: set[int] | None, intra_op_threads: int
+) -> dict[str, Any]:
+    models = []
+    for b in benches:
+        npy = tmp / "bodies" / f"{b.name}.npy"
+        if not npy.exists():
+            np.save(npy, b.input)
+        models.append(
+            {
+                "name": b.name,
+                "input": str(npy),
+                "input_name": b.input_name,
+                "json_body": str(b.json_body),
+                "binary_body": str(b.binary_body),
+                "binary_header_length": b.binary_header_length,
+            }
+        )
+    spec = tmp / "baseline.json"
+    spec.write_text(
+        json.dumps(
+            {
+                "repository": str(tmp / "bnfold"),
+                "models": models,
+                "seconds": seconds,
+                "intra_op_threads": intra_op_threads,
+            }
+        )
+    )
+    proc = subprocess.run(
+        pinned([sys.executable, "-m", "benchmarks.serving", "--baseline-worker", str(spec)], cpus),
+        check=False,
+        cwd=ROOT,
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=seconds * len(benches) + 300,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"baseline worker failed: {proc.stderr[-2000:]}")
+    result: dict[str, Any] = json.loads(proc.stdout)
+    return result
+
+
+# ------------------------------------------------------------------------------------------------ versions
+def versions(mlserver_python: str | None) -> dict[str, Any]:
+    def dist(names: Sequence[str]) -> dict[str, str | None]:
+        out: dict[str, str | None] = {}
+        for n in names:
+            try:
+                out[n] = importlib.metadata.version(n)
+            except importlib.metadata.PackageNotFoundError:
+                out[n] = None
+        return out
+
+    stack = ["onnxruntime", "uvicorn", "uvloop", "httptools", "fastapi", "starlette", "orjson", "numpy", "onnx"]
+    v: dict[str, Any] = {"bnfold_venv": dist(stack)}
+    try:
+        wrk = subprocess.run(["wrk", "-v"], check=False, capture_output=True, text=True, timeout=10)
+        v["wrk"] = (wrk.stdout + wrk.stderr).splitlines()[0].split(" Copyright")[0].strip()
+    except (OSError, IndexError, subprocess.TimeoutExpired):
+        v["wrk"] = None
+    if mlserver_python:
+        code = (
+            "import importlib.metadata as m, json, sys\n"
+            "out = {}\n"
+            f"for n in {['mlserver', *stack]!r}:\n"
+            "    try: out[n] = m.version(n)\n"
+            "    except m.PackageNotFoundError: out[n] = None\n"
+            "out['python'] = sys.version.split()[0]\n"
+            "print(json.dumps(out))\n"
+        )
+        proc = subprocess.run([mlserver_python, "-c", code], check=False, capture_output=True, text=True, timeout=60)
+        v["mlserver_venv"] = json.loads(proc.stdout) if proc.returncode == 0 else None
+    return v
+
+
+def machine() -> dict[str, Any]:
+    cpu = platform.processor() or ""
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    git: dict[str, Any] = {}
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        head = subprocess.run(
+            ["git", "rev-parse", "HEAD"], check=False, cwd=ROOT, capture_output=True, text=True, timeout=10
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "service", "converter"],
+            check=False,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        git = {"commit": head.stdout.strip(), "service_or_converter_modified": bool(dirty.stdout.strip())}
+    with contextlib.suppress(OSError):
+        git["loadavg_at_start"] = Path("/proc/loadavg").read_text().split()[:3]
+    return {
+        "cpu": cpu,
+        "logical_cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": sys.version.split()[0],
+        **git,
+    }
+
+
+# ------------------------------------------------------------------------------------------------ the run
+@dataclass(frozen=True)
+class Cell:
+    server: str
+    model: str
+    encoding: str
+    connections: int
+
+
+def plan(benches: Sequence[Bench], servers: Sequence[str], concurrency: Sequence[int]) -> list[list[Cell]]:
+    """Groups of cells run back to back: one group per (model, concurrency); their order rotates per round."""
+    groups = []
+    for b in benches:
+        for c in concurrency:
+            group = [Cell("bnfold", b.name, "json", c), Cell("bnfold", b.name, "binary", c)]
+            if "mlserver" in servers:
+                group.insert(1, Cell("mlserver", b.name, "json", c))
+            groups.append(group)
+    return groups
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q))
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    server_cpus = None if args.no_pin else parse_cpus(args.server_cpus)
+    client_cpus = None if args.no_pin else parse_cpus(args.client_cpus)
+    mlserver_python = None if args.skip_mlserver else args.mlserver_python
+    if shutil.which("wrk") is None:
+        raise SystemExit("wrk not found on PATH (Debian: apt-get install wrk)")
+    if mlserver_python and not (Path(mlserver_python).parent / "mlserver").exists():
+        raise SystemExit(f"no mlserver next to {mlserver_python}; use --mlserver-python or --skip-mlserver")
+    if client_cpus:
+        os.sched_setaffinity(0, client_cpus)
+    if args.intra_op_threads == "auto":
+        threads = len(server_cpus) if server_cpus else 0
+    else:
+        threads = int(args.intra_op_threads)
+    session_options = {**SESSION_OPTIONS, "intra_op_num_threads": threads}
+    result: dict[str, Any] = {"benchmark": "serving", "machine": machine(), "versions": versions(mlserver_python)}
+    with tempfile.TemporaryDirectory(prefix="bnfold-serving-") as tmp_name:
+        tmp = Path(tmp_name)
+        lua = tmp / "post.lua"
+        lua.write_text(LUA)
+        log(f"building models in {tmp}")
+        benches = prepare_models(tmp, args.image_model)
+        servers: dict[str, Server] = {}
+        try:
+            servers["bnfold"] = start_bnfold(tmp, server_cpus, threads)
+            mlserver_settings = None
+            if mlserver_python:
+                port, mlserver_settings = mlserver_config(tmp, benches, args.mlserver_workers, session_options)
+                servers["mlserver"] = start_mlserver(tmp, mlserver_python, port, server_cpus)
+            ready = {name: s.wait_ready([b.name for b in benches], 300) for name, s in servers.items()}
+            log("servers ready: " + ", ".join(f"{k} {v:.1f} s" for k, v in ready.items()))
+            checks = {}
+            for b in benches:
+                for name, s in servers.items():
+                    for enc in ("json", "binary") if name == "bnfold" else ("json",):
+                        checks[f"{name}/{b.name}/{enc}"] = check(s, b, enc)
+            groups = plan(benches, list(servers), args.concurrency)
+            by_name = {b.name: b for b in benches}
+            for group in groups:  # warm-up: a short load on every (server, model, encoding)
+                for cell in group:
+                    if cell.connections == max(args.concurrency):
+                        run_wrk(
+                            lua,
+                            servers[cell.server].infer_url(cell.model),
+                            by_name[cell.model],
+                            cell.encoding,
+                            cell.connections,
+                            args.warmup,
+                            client_cpus,
+                        )
+            rounds: list[dict[str, Any]] = []
+            for r in range(args.rounds):
+                log(f"round {r + 1}/{args.rounds}: in-process baseline ({args.baseline_seconds:g} s per model)")
+                base = run_baseline(tmp, benches, args.baseline_seconds, server_cpus, threads)
+                cells: dict[str, Any] = {}
+                for group in groups:
+                    k = r % len(group)
+                    for cell in group[k:] + group[:k]:
+                        w = run_wrk(
+                            lua,
+                            servers[cell.server].infer_url(cell.model),
+                            by_name[cell.model],
+                            cell.encoding,
+                            cell.connections,
+                            args.duration,
+                            client_cpus,
+                            servers[cell.server].proc.pid,
+                        )
+                        key = f"{cell.server}/{cell.model}/{cell.encoding}/c{cell.connections}"
+                        cells[key] = w
+                        if w["requests"] == 0 or w["errors"] == w["requests"]:
+                            server = servers[cell.server]
+                            raise RuntimeError(
+                                f"{key}: no successful answer in {args.duration:g} s (server alive: "
+                                f"{server.proc.poll() is None}; was it sent a signal?):\n{tail(server.log, 8)}"
+                            )
+                        err = f", {w['errors']} errors" if w["errors"] else ""
+                        if "server_cpu_us_per_request" in w:
+                            err = f"  server CPU {w['server_cpu_us_per_request']:.0f} us/req" + err
+                        log(
+                            f"  {key:<34} {w['rps']:>8.1f} req/s  p50 {w['p50_us'] / 1000:.3f} ms  "
+                            f"p99 {w['p99_us'] / 1000:.3f} ms{err}"
+                        )
+                for name, s in servers.items():
+                    if s.proc.poll() is not None or http_get(s.url + "/v2/health/ready") != 200:
+                        raise RuntimeError(f"{name} died or stopped being ready during the run:\n{tail(s.log)}")
+                rounds.append({"baseline": base, "wrk": cells, "loadavg_after": list(os.getloadavg())})
+        finally:
+            for s in servers.values():
+                s.stop()
+            for s in servers.values():
+                (Path(args.out).parent / f"serving-{s.name}.log").parent.mkdir(parents=True, exist_ok=True)
+                with contextlib.suppress(OSError):
+                    shutil.copy(s.log, Path(args.out).parent / f"serving-{s.name}.log")
+    result.update(summarize(args, benches, rounds, list(servers), checks, ready))
+    result["loadavg_after_each_round"] = [r["loadavg_after"] for r in rounds]
+    result["in_process_p50_ms_per_round"] = [
+        {
+            name: {k: statistics.median(v) for k, v in samples.items()}
+            for name, samples in r["baseline"]["models"].items()
+        }
+        for r in rounds
+    ]
+    result["settings"] = {
+        "rounds": args.rounds,
+        "duration_s": args.duration,
+        "warmup_s": args.warmup,
+        "baseline_seconds_per_round": args.baseline_seconds,
+        "concurrency": list(args.concurrency),
+        "quick": args.quick,
+        "server_cpus": sorted(server_cpus) if server_cpus else None,
+        "client_cpus": sorted(client_cpus) if client_cpus else None,
+        "bnfold": "python -m service serve --model-repository DIR --port P; default settings (no BNFOLD_* env)",
+        "mlserver_settings": mlserver_settings,
+        "session_options": session_options,
+        "intra_op_threads": threads,
+        "intra_op_threads_note": INTRA_OP_NOTE,
+        "client": "wrk -t1 -cC -dDs --timeout 30s, Lua script POSTing one fixed body, keep-alive",
+        "latency": "wrk's client-side latency; p50/p99 at c=1 are medians over rounds of each round's percentile",
+        "throughput": "wrk requests / duration; median over rounds",
+        "overhead": "median over rounds of (bnfold wrk p50 at c=1 - in-process session.run p50 of that round)",
+        "ratio": f"median over rounds of (bnfold req/s / MLServer req/s) at c={TARGET_RATIO_CONCURRENCY}, JSON",
+    }
+    return result
+
+
+def log(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def summarize(
+    args: argparse.Namespace,
+    benches: Sequence[Bench],
+    rounds: list[dict[str, Any]],
+    servers: Sequence[str],
+    checks: dict[str, float],
+    ready: dict[str, float],
+) -> dict[str, Any]:
+    models: dict[str, Any] = {}
+    rows = []
+    targets = []
+    med = statistics.median
+    for b in benches:
+        base_rounds = [r["baseline"]["models"][b.name] for r in rounds]
+        pooled = {k: [t for br in base_rounds for t in br[k]] for k in base_rounds[0]}
+        inproc = {
+            k: {"p50_ms": med(v), "p99_ms": percentile(v, 99), "mean_ms": statistics.fmean(v), "samples": len(v)}
+            for k, v in pooled.items()
+        }
+        rows.append({"model": b.name, "server": "in-process", "encoding": "session.run", **_lat(inproc["session_run"])})
+        for enc in ("json", "binary"):
+            row = {"model": b.name, "server": "in-process", "encoding": f"svc path {enc}"}
+            rows.append({**row, **_lat(inproc[f"service_path_{enc}"])})
+        cells: dict[str, Any] = {}
+        for server in servers:
+            for enc in ("json", "binary") if server == "bnfold" else ("json",):
+                row: dict[str, Any] = {"model": b.name, "server": server, "encoding": enc}
+                for c in args.concurrency:
+                    key = f"{server}/{b.name}/{enc}/c{c}"
+                    per_round = [r["wrk"][key] for r in rounds]
+                    cpu = [w["server_cpu_us_per_request"] for w in per_round if "server_cpu_us_per_request" in w]
+                    agg = {
+                        "rps": med(w["rps"] for w in per_round),
+                        "server_cpu_us_per_request": med(cpu) if cpu else None,
+                        "p50_ms": med(w["p50_us"] for w in per_round) / 1000,
+                        "p99_ms": med(w["p99_us"] for w in per_round) / 1000,
+                        "errors": sum(w["errors"] for w in per_round),
+                        "requests": sum(w["requests"] for w in per_round),
+                        "rounds": per_round,
+                    }
+                    cells[key] = agg
+                    row[f"c{c}"] = agg
+                rows.append(row)
+        models[b.name] = {
+            "role": b.role,
+            "description": b.description,
+            "nodes": b.nodes,
+            "body_bytes": b.body_bytes,
+            "binary_header_length": b.binary_header_length,
+            "in_process": inproc,
+            "served": cells,
+        }
+        # targets
+        for (role, enc), limit in TARGET_OVERHEAD_MS.items():
+            if role != b.role or 1 not in args.concurrency:
+                continue
+            key = f"bnfold/{b.name}/{enc}/c1"
+            per_round = [
+                r["wrk"][key]["p50_us"] / 1000 - med(r["baseline"]["models"][b.name]["session_run"]) for r in rounds
+            ]
+            value = med(per_round)
+            targets.append(
+                {
+                    "target": f"{b.name} {enc}: p50 overhead over in-process at c=1",
+                    "value": value,
+                    "unit": "ms",
+                    "limit": f"<= {limit} ms",
+                    "met": value <= limit,
+                    "per_round": per_round,
+                }
+            )
+        if "mlserver" in servers and TARGET_RATIO_CONCURRENCY in args.concurrency:
+            c = TARGET_RATIO_CONCURRENCY
+            per_round = [
+                r["wrk"][f"bnfold/{b.name}/json/c{c}"]["rps"] / r["wrk"][f"mlserver/{b.name}/json/c{c}"]["rps"]
+                for r in rounds
+            ]
+            value = med(per_round)
+            targets.append(
+                {
+                    "target": f"{b.name} json: req/s at c={c}, bnfold / MLServer",
+                    "value": value,
+                    "unit": "x",
+                    "limit": f">= {TARGET_RATIO}x",
+                    "met": value >= TARGET_RATIO,
+                    "per_round": per_round,
+                }
+            )
+    return {"models": models, "rows": rows, "targets": targets, "checks_max_abs_diff": checks, "ready_s": ready}
+
+
+def _lat(stats: dict[str, Any]) -> dict[str, Any]:
+    return {"c1": {"p50_ms": stats["p50_ms"], "p99_ms": stats["p99_ms"], "rps": None, "errors": 0}}
+
+
+def table(result: dict[str, Any]) -> str:
+    conc = result["settings"]["concurrency"]
+    head = f"{'model':<9} {'server':<10} {'encoding':<16}"
+    if 1 in conc:
+        head += f" {'c=1 p50 ms':>10} {'c=1 p99 ms':>10}"
+    head += "".join(f" {f'c={c} req/s':>11}" for c in conc if c != 1)
+    cpu_c = TARGET_RATIO_CONCURRENCY if TARGET_RATIO_CONCURRENCY in conc else max(conc)
+    head += f" {f'CPU us/req c={cpu_c}':>17}"
+    lines = [head, "-" * len(head)]
+    for row in result["rows"]:
+        line = f"{row['model']:<9} {row['server']:<10} {row['encoding']:<16}"
+        if 1 in conc:
+            c1 = row.get("c1")
+            line += f" {c1['p50_ms']:>10.3f} {c1['p99_ms']:>10.3f}" if c1 else f" {'-':>10} {'-':>10}"
+        for c in conc:
+            if c == 1:
+                continue
+            cell = row.get(f"c{c}")
+            line += f" {cell['rps']:>11.1f}" if cell else f" {'-':>11}"
+        cell = row.get(f"c{cpu_c}")
+        cpu = cell.get("server_cpu_us_per_request") if cell else None
+        line += f" {cpu:>17.0f}" if cpu is not None else f" {'-':>17}"
+        if any(row.get(f"c{c}", {}).get("errors") for c in conc):
+            line += "  (errors: " + ", ".join(f"c={c}: {row[f'c{c}']['errors']}" for c in conc) + ")"
+        lines.append(line)
+    lines.append("")
+    lines.append("Targets:")
+    for t in result["targets"]:
+        unit = " ms" if t["unit"] == "ms" else "x"
+        verdict = "met" if t["met"] else "NOT met"
+        lines.append(f"  {t['target']:<52} {t['value']:>7.3f}{unit}  (target {t['limit']}): {verdict}")
+    lines.append("")
+    for name, m in result["models"].items():
+        lines.append(
+            f"{name}: {m['description']}; JSON body {m['body_bytes']['json']} B, binary {m['body_bytes']['binary']} B"
+        )
+    v = result["versions"]
+    bv = v["bnfold_venv"]
+    mv = v.get("mlserver_venv") or {}
+    s = result["settings"]
+    lines.append(
+        f"bnfold: uvicorn {bv['uvicorn']} (uvloop {bv['uvloop']}, httptools {bv['httptools']}), fastapi "
+        f"{bv['fastapi']}, onnxruntime {bv['onnxruntime']}"
+    )
+    if mv:
+        lines.append(
+            f"MLServer {mv.get('mlserver')}: uvicorn {mv.get('uvicorn')} (uvloop {mv.get('uvloop')}, httptools "
+            f"{mv.get('httptools')}), fastapi {mv.get('fastapi')}, onnxruntime {mv.get('onnxruntime')}; "
+            f"parallel_workers {s['mlserver_settings']['parallel_workers']}, debug off"
+        )
+    m = result["machine"]
+    lines.append(
+        f"client: {v['wrk']} (1 thread, keep-alive); servers on CPU {s['server_cpus']}, wrk on CPU "
+        f"{s['client_cpus']}; {s['rounds']} rounds × {s['duration_s']} s per cell; {m['cpu']}, "
+        f"{m['logical_cpus']} CPUs"
+    )
+    threads = s["intra_op_threads"]
+    lines.append(
+        f"ORT intra-op threads: {threads or 'ORT default (0)'} for bnfold, MLServer and in-process alike"
+        + (" (BNFOLD_INTRA_OP_THREADS; the only non-default bnfold setting)" if threads else "")
+    )
+    lines.append(
+        "in-process rows: the server's session alone (session.run) and the service's decode+run+encode without "
+        "HTTP (svc path), timed in a pinned child process; every other figure is wrk's, client side; CPU us/req: "
+        "the server process's user+system CPU time during that wrk run / requests"
+    )
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="sanity run: 1 round, 2 s per cell")
+    p.add_argument("--duration", type=float, default=None, help="seconds per wrk run (default 4; quick 2)")
+    p.add_argument("--rounds", type=int, default=None, help="rounds over all cells (default 5; quick 1)")
+    p.add_argument("--warmup", type=float, default=None, help="seconds of warm-up load per cell (default 2)")
+    p.add_argument("--baseline-seconds", type=float, default=None, help="in-process timing per model per round")
+    p.add_argument(
+        "--concurrency",
+        type=lambda s: tuple(int(c) for c in s.split(",")),
+        default=CONCURRENCY,
+        help="wrk connections, comma-separated (default 1,8,32)",
+    )
+    p.add_argument("--image-model", choices=sorted(IMAGE_MODELS), default="conv224", help="the 224² model")
+    p.add_argument("--skip-mlserver", action="store_true", help="no MLServer comparison")
+    p.add_argument("--mlserver-python", default=DEFAULT_MLSERVER_PYTHON, help="python of MLServer's virtualenv")
+    p.add_argument(
+        "--mlserver-workers",
+        type=int,
+        default=0,
+        help="MLServer parallel_workers (default 0: inference in the server process; MLServer's own default 1 "
+        "starts worker processes, which MLServer 1.7.1 cannot do with uvloop 0.23)",
+    )
+    p.add_argument(
+        "--intra-op-threads",
+        default="auto",
+        help="ORT intra-op threads for bnfold (BNFOLD_INTRA_OP_THREADS), MLServer and the baseline alike; "
+        "auto (default): the number of server CPUs when pinned, else 0 (ORT's own default, bnfold's default)",
+    )
+    p.add_argument("--server-cpus", default="0", help="CPUs for the servers and the baseline (default 0)")
+    p.add_argument("--client-cpus", default="1", help="CPUs for wrk and this script (default 1)")
+    p.add_argument("--no-pin", action="store_true", help="no CPU pinning")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON output (default {DEFAULT_OUT})")
+    p.add_argument("--baseline-worker", type=Path, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.baseline_worker:
+        return baseline_worker(args.baseline_worker)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the servers on the way out
+    quick = args.quick
+    args.duration = args.duration or (2.0 if quick else 4.0)
+    args.rounds = args.rounds or (1 if quick else 5)
+    args.warmup = args.warmup if args.warmup is not None else (1.0 if quick else 2.0)
+    args.baseline_seconds = args.baseline_seconds or (1.0 if quick else 3.0)
+    if args.rounds < 1 or args.duration < 1 or not args.concurrency or min(args.concurrency) < 1:
+        p.error("--rounds, --duration and every --concurrency must be at least 1")
+    result = run(args)
+    text = table(result)
+    result["table"] = text
+    result["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    result["loadavg_at_end"] = list(os.getloadavg())
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(text)
+    print(f"\nJSON: {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
