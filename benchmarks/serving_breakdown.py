@@ -11,10 +11,12 @@ Variants (each "what if" patches the app object this script built, never the ser
 - ``service path``: ``LoadedModel.prepare`` + ``execute`` (decode, validate, run, encode), no ASGI at all;
 - ``minimal FastAPI``: one route doing the same, inline, and again with ``execute`` in a thread
   (``run_in_executor``): the framework's floor and the cost of the thread hop;
-- ``bnfold app``: ``service.app.create_app`` with default settings, as served; then with the infer routes
-  matched first, with the scheduler computing inline (no thread hop), with the Prometheus metrics as no-ops,
-  and with all three; for a large body also with the decode on the event loop (``routes.py`` sends bodies
-  above ``DECODE_IN_THREAD_BYTES`` to a thread to decode, which a zero-copy binary body does not need).
+- ``bnfold app``: ``service.app.create_app`` with default settings, as served (inference answered by
+  ``service.inference.InferenceMiddleware`` ahead of FastAPI, compute threads fed by ``service.scheduler``).
+
+Earlier versions of this script also patched the app (infer routes matched first, inline scheduler, no-op
+metrics); those measurements led to the inference fast path and the queue-fed compute threads, and the
+patches no longer apply to the code they measured.
 
     .venv/bin/python -m benchmarks.serving_breakdown             # tiny JSON and conv224 binary, ~1 min
     .venv/bin/python -m benchmarks.serving_breakdown --rounds 40 --cpu 0
@@ -31,12 +33,12 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from fastapi import APIRouter, FastAPI, Request  # module level: the route's string annotations resolve here
+from fastapi import FastAPI, Request  # module level: the route's string annotations resolve here
 from fastapi.responses import Response
 
 from benchmarks.serving import build_conv224, build_tiny
@@ -77,7 +79,6 @@ def variants(repo: Path, name: str, body: bytes, header_length: int | None) -> d
 
     import service.app as service_app
     from service.runtime import ModelConfig, Timing, load_model
-    from service.scheduler import Scheduler
     from service.settings import Settings
 
     # pinned to one CPU: one intra-op thread (ORT's default counts the machine's cores and escapes the affinity)
@@ -107,60 +108,12 @@ def variants(repo: Path, name: str, body: bytes, header_length: int | None) -> d
 
         return app
 
-    class InlineScheduler(Scheduler):
-        async def run(self, fn: Callable[[], Any], deadline: float | None, cancel: Callable[[], None]) -> Any:
-            return fn(), 0.0
-
-    def bnfold(infer_first: bool = False, inline: bool = False, no_metrics: bool = False) -> tuple[Any, Any]:
-        original = service_app.router
-        if infer_first:
-            reordered = APIRouter()
-            infer_routes = [r for r in original.routes if getattr(r, "path", "").endswith("/infer")]
-            reordered.routes.extend(infer_routes + [r for r in original.routes if r not in infer_routes])
-            service_app.router = reordered  # create_app includes the module's `router`
-        try:
-            app = service_app.create_app(settings)
-        finally:
-            service_app.router = original
-
-        def patch() -> None:
-            svc = app.state.service
-            if inline:
-                svc.scheduler.__class__ = InlineScheduler
-            if no_metrics:
-                for key in ("in_flight", "success", "failure", "queue_seconds", "compute_seconds", "request_seconds"):
-                    setattr(svc.metrics, key, _Null())
-
-        return app, patch
-
-    def decode_inline(app: Any) -> Any:
-        """The app with bodies decoded on the event loop whatever their size (routes.DECODE_IN_THREAD_BYTES)."""
-        from service import routes
-
-        async def wrapped(scope: dict[str, Any], receive: Any, send: Any) -> None:
-            saved = routes.DECODE_IN_THREAD_BYTES
-            routes.DECODE_IN_THREAD_BYTES = 1 << 62  # calls run one at a time: no other request sees it
-            try:
-                await app(scope, receive, send)
-            finally:
-                routes.DECODE_IN_THREAD_BYTES = saved
-
-        wrapped.inner = app  # type: ignore[attr-defined]  (its lifespan runs on the app itself, below)
-        return wrapped
-
-    big_app, big_patch = bnfold()
     out: dict[str, Any] = {
         "service path: prepare+execute, no ASGI": (direct, None),
         "minimal FastAPI route, inline": (minimal(hop=False), None),
         "minimal FastAPI route, execute in a thread": (minimal(hop=True), None),
-        "bnfold app (as served)": bnfold(),
-        "bnfold app, infer routes matched first": bnfold(infer_first=True),
-        "bnfold app, scheduler inline (no thread hop)": bnfold(inline=True),
-        "bnfold app, metrics no-op": bnfold(no_metrics=True),
-        "bnfold app, all three": bnfold(infer_first=True, inline=True, no_metrics=True),
+        "bnfold app (as served)": (service_app.create_app(settings), lambda: None),
     }
-    if len(body) > 1024:  # only bodies above routes.DECODE_IN_THREAD_BYTES take the decode thread
-        out["bnfold app, decode on the event loop"] = (decode_inline(big_app), big_patch)
     return out
 
 
@@ -254,7 +207,7 @@ async def run_case(repo: Path, name: str, encoding: str, make: Any, rounds: int)
         apps = {}
         for key, (app, patch) in built.items():
             if patch is not None:
-                inner = getattr(app, "inner", app)
+                inner = getattr(app, "app", app)  # the FastAPI app behind the inference middleware
                 await stack.enter_async_context(inner.router.lifespan_context(inner))
                 patch()
             apps[key] = app

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import secrets
 import signal
@@ -25,6 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service import __version__
 from service.errors import ServiceError, Unauthorized
+from service.inference import InferenceMiddleware
 from service.metrics import Metrics
 from service.protocol import InferenceRequest
 from service.repository import Repository
@@ -53,11 +55,15 @@ class Service:
         return self.started and not self.draining and self.repository.ready_count() > 0
 
     def authorize(self, request: Request) -> None:
+        value = request.headers.get("authorization")
+        self.authorize_header(None if value is None else value.encode("latin-1"))
+
+    def authorize_header(self, value: bytes | None) -> None:
         """Constant-time Bearer check when BNFOLD_API_KEY is set."""
         if self._api_key is None:
             return
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), self._api_key):
+        scheme, _, token = (value or b"").partition(b" ")
+        if scheme.lower() != b"bearer" or not secrets.compare_digest(token.strip(), self._api_key):
             raise Unauthorized()
 
     def _model_changed(self, model: LoadedModel, ready: bool) -> None:
@@ -67,7 +73,12 @@ class Service:
         s = self.settings
         ort.disable_telemetry_events()  # a server has no business phoning home (and a read-only root complains)
         self.scheduler = Scheduler(s.max_concurrency, s.max_queue, s.retry_after_seconds)
+        scheduler = self.scheduler
+        self.metrics.in_flight.set_function(lambda: scheduler.admitted)
         await self.repository.load_all()
+        # everything loaded so far lives as long as the process: keep the garbage collector from rescanning it
+        gc.collect()
+        gc.freeze()
         self.started = True
         log.info("ready: %d model version(s) serving", self.repository.ready_count())
 
@@ -126,7 +137,9 @@ def error_response(status: int, message: str, headers: dict[str, str] | None = N
     )
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None) -> InferenceMiddleware:
+    """The ASGI application: inference requests answered first, everything else by the FastAPI app
+    (``.app`` of the returned object; its ``state.service`` holds the models)."""
     settings = settings or Settings()
     app = FastAPI(
         title="bnfold",
@@ -157,7 +170,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return error_response(500, "internal error (logged on the server)")
 
     _document_inference_request(app)
-    return app
+    return InferenceMiddleware(app, app.state.service)  # POST .../infer ahead of FastAPI (see its docstring)
 
 
 def _document_inference_request(app: FastAPI) -> None:

@@ -88,6 +88,10 @@ def serve(settings: Settings, overrides: dict[str, Any] | None = None) -> int:
         "port": settings.port,
         "log_level": settings.log_level,
         "access_log": False,
+        # no proxy-header rewriting (nothing here trusts X-Forwarded-*); no per-response Server/Date work
+        "proxy_headers": False,
+        "server_header": False,
+        "date_header": False,
         "timeout_graceful_shutdown": settings.graceful_shutdown_seconds,
     }
     if settings.workers > 1:

@@ -6,6 +6,9 @@ processes, each process exports its own figures; scrape through the container or
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import Any
+
 from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -14,6 +17,25 @@ __all__ = ["CONTENT_TYPE", "Metrics"]
 LABELS = ("model", "version", "provider")
 # from 100 µs (tiny models) to 10 s (big ones on a slow CPU)
 BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+@dataclass
+class Bound:
+    """The metrics of one (model, version, provider), labels resolved once rather than per request."""
+
+    success: Any
+    request_seconds: Any
+    queue_seconds: Any
+    compute_seconds: Any
+    _failure: Any
+    _labels: tuple[str, str, str]
+    _by_status: dict[int, Any] = field(default_factory=dict)
+
+    def failure(self, status: int) -> Any:
+        child = self._by_status.get(status)
+        if child is None:
+            child = self._by_status[status] = self._failure.labels(*self._labels, str(status))
+        return child
 
 
 class Metrics:
@@ -39,6 +61,22 @@ class Metrics:
         self.model_ready = Gauge(
             "bnfold_model_ready", "1 when the model version serves", ("model", "version", "provider"), registry=r
         )
+
+        self._bound: dict[tuple[str, str, str], Bound] = {}
+
+    def bind(self, model: str, version: str, provider: str) -> Bound:
+        key = (model, version, provider)
+        bound = self._bound.get(key)
+        if bound is None:
+            bound = self._bound[key] = Bound(
+                self.success.labels(*key),
+                self.request_seconds.labels(*key),
+                self.queue_seconds.labels(*key),
+                self.compute_seconds.labels(*key),
+                self.failure,
+                key,
+            )
+        return bound
 
     def export(self) -> bytes:
         return generate_latest(self.registry)

@@ -6,20 +6,14 @@ Content-Type is never used to route a request (tritonclient sends none): a body 
 
 from __future__ import annotations
 
-import asyncio
-import functools
-import gzip
-import time
-import zlib
 from typing import TYPE_CHECKING, Any
 
-import onnxruntime as ort
 import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from service import __version__
-from service.errors import BadRequest, PayloadTooLarge, RequestTimeout, ServiceError, UnsupportedEncoding
+from service import __version__, inference
+from service.errors import ServiceError
 from service.metrics import CONTENT_TYPE
 from service.protocol import (
     EXTENSIONS,
@@ -31,7 +25,6 @@ from service.protocol import (
     Ready,
     ServerMetadata,
 )
-from service.runtime import Timing
 
 if TYPE_CHECKING:
     from service.app import Service
@@ -51,8 +44,6 @@ INFER_ERRORS: dict[int | str, dict[str, Any]] = {
     415: {"model": Error, "description": "Content-Encoding other than gzip, deflate or identity"},
     504: {"model": Error, "description": "The request's timeout parameter expired"},
 }
-DECODE_IN_THREAD_BYTES = 256 << 10  # larger bodies are decoded off the event loop
-COMPRESS_MIN_BYTES = 1024
 
 
 def service(request: Request) -> Service:
@@ -202,114 +193,8 @@ async def infer_version(request: Request, model_name: str, model_version: str) -
 
 
 async def _infer(request: Request, model_name: str, model_version: str | None) -> Response:
-    started = time.monotonic()
-    svc = service(request)
-    svc.authorize(request)
-    model = svc.repository.get(model_name, model_version)
-    assert svc.scheduler is not None
-    m = svc.metrics
-    labels = (model.name, model.version, model.provider)
-    try:
-        async with svc.scheduler.admit():
-            m.in_flight.inc()
-            try:
-                body = await read_body(request, svc.settings.max_body_bytes, svc.settings.body_timeout_seconds)
-                header_length = _header_length(request)
-                prepare = functools.partial(model.prepare, body, header_length, svc.settings.max_elements)
-                if len(body) > DECODE_IN_THREAD_BYTES:
-                    prepared = await asyncio.get_running_loop().run_in_executor(None, prepare)
-                else:
-                    prepared = prepare()
-                timeout = prepared.request.timeout_us
-                deadline = None if timeout is None else started + timeout / 1e6
-                options, timing = ort.RunOptions(), Timing()
-                run = functools.partial(model.execute, prepared, options, timing)
-                stop = functools.partial(setattr, options, "terminate", True)
-                (payload, json_length), queued = await svc.scheduler.run(run, deadline, stop)
-            finally:
-                m.in_flight.dec()
-    except ServiceError as exc:
-        m.failure.labels(*labels, str(exc.status)).inc()
-        raise
-    except Exception:
-        m.failure.labels(*labels, "500").inc()
-        raise
-    m.success.labels(*labels).inc()
-    m.queue_seconds.labels(*labels).observe(queued)
-    m.compute_seconds.labels(*labels).observe(timing.compute_seconds)
-    headers = {}
-    if json_length is not None:
-        headers["Inference-Header-Content-Length"] = str(json_length)
-    media = "application/json" if json_length is None else "application/octet-stream"
-    payload, encoding = compress(payload, request.headers.get("accept-encoding", ""))
-    if encoding:
-        headers["Content-Encoding"] = encoding
-    m.request_seconds.labels(*labels).observe(time.monotonic() - started)
-    return Response(payload, media_type=media, headers=headers)
-
-
-def _header_length(request: Request) -> int | None:
-    value = request.headers.get("inference-header-content-length")
-    if value is None:
-        return None
-    number = _decimal(value)
-    if number is None:
-        raise BadRequest(f"Inference-Header-Content-Length must be a non-negative integer, not {value[:40]!r}")
-    return number
-
-
-def _decimal(value: str) -> int | None:
-    """A non-negative ASCII decimal of at most 18 digits ('²' passes str.isdigit but not int)."""
-    value = value.strip()
-    return int(value) if value.isascii() and value.isdigit() and len(value) <= 18 else None
-
-
-async def read_body(request: Request, limit: int, timeout: float) -> bytes:
-    """The request body, decompressed, never more than ``limit`` bytes at any point."""
-    declared = request.headers.get("content-length")
-    size_declared = None if declared is None else _decimal(declared)
-    if declared is not None and (size_declared is None or size_declared > limit):
-        raise PayloadTooLarge(f"body of {declared.strip()[:40]} bytes is larger than the limit of {limit}")
-    chunks, size = [], 0
-    try:
-        async with asyncio.timeout(timeout):
-            async for chunk in request.stream():
-                size += len(chunk)
-                if size > limit:
-                    raise PayloadTooLarge(f"body is larger than the limit of {limit} bytes")
-                chunks.append(chunk)
-    except TimeoutError:
-        raise RequestTimeout(f"request body not received within {timeout:g} s") from None
-    body = b"".join(chunks)
-    encoding = request.headers.get("content-encoding", "identity").strip().lower()
-    if encoding in ("", "identity"):
-        return body
-    if encoding not in ("gzip", "deflate"):
-        raise UnsupportedEncoding(f"Content-Encoding {encoding!r} is not supported (gzip, deflate, identity)")
-    return inflate(body, encoding, limit)
-
-
-def inflate(body: bytes, encoding: str, limit: int) -> bytes:
-    """gzip or zlib ('deflate', as HTTP and tritonclient mean it) with a bound on the inflated size."""
-    inflater = zlib.decompressobj(wbits=(16 if encoding == "gzip" else 0) + zlib.MAX_WBITS)
-    try:
-        out = inflater.decompress(body, limit + 1)
-    except zlib.error as exc:
-        raise BadRequest(f"body is not valid {encoding} data ({exc})") from None
-    if len(out) > limit or inflater.unconsumed_tail:
-        raise PayloadTooLarge(f"inflated body is larger than the limit of {limit} bytes")
-    if not inflater.eof:
-        raise BadRequest(f"{encoding} body is truncated")
-    return out
-
-
-def compress(payload: bytes, accept: str) -> tuple[bytes, str | None]:
-    """gzip or deflate the response when the client accepts it and it is worth it."""
-    if len(payload) < COMPRESS_MIN_BYTES or not accept:
-        return payload, None
-    accepted = {part.split(";")[0].strip().lower() for part in accept.split(",")}
-    if "gzip" in accepted:
-        return gzip.compress(payload, compresslevel=1), "gzip"
-    if "deflate" in accepted:
-        return zlib.compress(payload, 1), "deflate"
-    return payload, None
+    """Reached only without :class:`service.inference.InferenceMiddleware` in front (it answers first)."""
+    status, headers, body = await inference.handle(
+        service(request), model_name, model_version, request.scope, request.receive
+    )
+    return Response(body, status_code=status, headers={k.decode(): v.decode() for k, v in headers})

@@ -179,7 +179,9 @@ class LoadedModel:
         names = self._output_names if wanted is None else [self._requested(o.name) for o in wanted]
         return Prepared(request, feeds, names)
 
-    def execute(self, prepared: Prepared, run_options: ort.RunOptions, timing: Timing) -> tuple[bytes, int | None]:
+    def execute(
+        self, prepared: Prepared, run_options: ort.RunOptions | None, timing: Timing
+    ) -> tuple[bytes, int | None]:
         """Run ONNX Runtime and encode the response (blocking: runs in a compute thread)."""
         request, names = prepared.request, prepared.names
         start = time.perf_counter()
@@ -188,7 +190,7 @@ class LoadedModel:
         except ort_state.InvalidArgument as exc:
             raise BadRequest(f"model '{self.name}' rejected the inputs: {_first_line(exc)}") from None
         except ort_state.Fail as exc:
-            if run_options.terminate:
+            if run_options is not None and run_options.terminate:
                 raise Timeout(f"request timeout of {request.timeout_us} us expired during inference") from None
             raise ServiceError(f"inference failed: {_first_line(exc)}") from None
         finally:

@@ -24,7 +24,7 @@ except ImportError:  # a missing dev dependency fails this one test, not the who
     schemathesis = None
 
 #: The schema the server publishes at /openapi.json (test_the_schema_is_the_served_one checks they agree).
-SCHEMA = create_app(Settings()).openapi()
+SCHEMA = create_app(Settings()).app.openapi()
 
 
 def test_the_schema_is_the_served_one(repo_server: Server) -> None:
