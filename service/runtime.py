@@ -7,6 +7,7 @@ on ONNX Runtime.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -310,7 +311,7 @@ def load_model(name: str, version: str, path: Path, config: ModelConfig, setting
         ort.preload_dlls()  # CUDA/cuDNN from the nvidia-* wheels: the provider library has no RUNPATH to them
     options = ort.SessionOptions()
     options.graph_optimization_level = OPT_LEVELS[settings.graph_optimization_level]
-    options.intra_op_num_threads = settings.intra_op_threads
+    options.intra_op_num_threads = settings.intra_op_threads or usable_cpus()
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
     try:
@@ -336,6 +337,14 @@ def load_model(name: str, version: str, path: Path, config: ModelConfig, setting
     _warm_up(model, settings.warmup_runs)
     model.load_seconds = time.perf_counter() - start
     return model
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (ONNX Runtime's own default counts the machine's, ignoring affinity)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 class ProviderError(ModelLoadError):

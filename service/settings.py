@@ -53,7 +53,12 @@ class Settings(BaseSettings):
     fold_on_load: bool = Field(
         True, description="Fold (and verify) models that still have BatchNormalization nodes before serving."
     )
-    intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads per session (0: its default).")
+    intra_op_threads: int = Field(
+        0,
+        ge=0,
+        description="ONNX Runtime intra-op threads per session (0: the CPUs this process may run on, so a "
+        "cpuset-limited container is not oversubscribed).",
+    )
     graph_optimization_level: Literal["disable", "basic", "extended", "all"] = Field(
         "all", description="ONNX Runtime graph optimisation level for serving sessions."
     )
