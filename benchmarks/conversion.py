@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import shutil
 import statistics
@@ -39,6 +38,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from benchmarks.environment import emit, git_state, host
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "conversion.json"
 BIN = Path(sys.executable).parent
@@ -119,35 +120,6 @@ def describe_outputs(model_in: Path, commands: list[Command]) -> dict[str, Any]:
         if c.output is not None and c.output.exists():
             out[c.key] = info(c.output)
     return out
-
-
-def git_state() -> dict[str, Any]:
-    """The commit measured, and whether converter/ had uncommitted changes (others may be editing it)."""
-    root = Path(__file__).resolve().parent.parent
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--", "converter"], cwd=root, capture_output=True, text=True, check=True
-        )
-    except (OSError, subprocess.CalledProcessError):
-        return {}
-    return {"head": head.stdout.strip(), "converter_uncommitted": dirty.stdout.split("\n")[:-1]}
-
-
-def machine() -> dict[str, Any]:
-    cpu = platform.processor() or ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
-    except OSError:
-        pass
-    mem = ""
-    try:
-        with open("/proc/meminfo") as f:
-            mem = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("MemTotal")), "")
-    except OSError:
-        pass
-    return {"cpu": cpu, "logical_cpus": os.cpu_count(), "memory": mem, "platform": platform.platform()}
 
 
 def versions() -> dict[str, str]:
@@ -238,8 +210,8 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             "file_bytes": model_in.stat().st_size,
         },
         "settings": {"reps": args.reps, "warmup": 1, "order": "rotated every repetition"},
-        "machine": {**machine(), **versions()},
-        "git": git_state(),
+        "machine": {**host(), **versions()},
+        "git": git_state("converter"),
         "parent_maxrss_kib": {"before_runs": parent_kib, "after_runs": parent_after_kib},
         "results": results,
         "outputs": outputs,
@@ -313,11 +285,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bnfold-bench-") as tmp:
         result = run(args, Path(tmp))
     text = table(result)
-    result["table"] = text
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(text)
-    print(f"\nJSON: {args.out}")
+    emit(result, text, args.out)
     return 0
 
 

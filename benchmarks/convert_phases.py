@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import resource
 import subprocess
 import sys
@@ -23,6 +22,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from benchmarks.environment import emit
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "convert_phases.json"
 
@@ -162,11 +163,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             build_resnet50(src)
         result = run(src, verify=not args.no_verify)
     text = table(result)
-    result["table"] = text
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(text)
-    print(f"\nJSON: {args.out}")
+    emit(result, text, args.out)
     return 0
 
 

@@ -16,12 +16,9 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import math
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,6 +35,7 @@ import onnxsim
 from onnx import ModelProto
 
 import converter
+from benchmarks.environment import emit, git_state, host
 from converter import zoo
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "inference.json"
@@ -178,41 +176,6 @@ def measure(cells: list[Cell], feed: dict[str, np.ndarray], rounds: int, iters: 
         gc.enable()
 
 
-def git_state() -> dict[str, Any]:
-    """The commit measured, and whether converter/ had uncommitted changes (others may be editing it)."""
-    root = Path(__file__).resolve().parent.parent
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--", "converter"], cwd=root, capture_output=True, text=True, check=True
-        )
-    except (OSError, subprocess.CalledProcessError):
-        return {}
-    return {"head": head.stdout.strip(), "converter_uncommitted": dirty.stdout.split("\n")[:-1]}
-
-
-def machine() -> dict[str, Any]:
-    cpu = platform.processor() or ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return {
-        "cpu": cpu,
-        "logical_cpus": os.cpu_count(),
-        "platform": platform.platform(),
-        "python": sys.version.split()[0],
-        "onnx": onnx.__version__,
-        "onnxruntime": ort.__version__,
-        "onnxsim": onnxsim.__version__,
-        "numpy": np.__version__,
-    }
-
-
 def run(args: argparse.Namespace) -> dict[str, Any]:
     rng = np.random.default_rng(0)
     feed = {"input": rng.standard_normal((1, 3, 224, 224)).astype(np.float32)}
@@ -302,8 +265,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "onnxsim_options": ONNXSIM_OPTIONS,
             "bnfold_options": "converter.convert(model) defaults: bn='fold', verify=True",
         },
-        "machine": machine(),
-        "git": git_state(),
+        "machine": {
+            **host(),
+            "onnx": onnx.__version__,
+            "onnxruntime": ort.__version__,
+            "onnxsim": onnxsim.__version__,
+            "numpy": np.__version__,
+        },
+        "git": git_state("converter"),
         "networks": networks,
         "rows": rows,
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -359,11 +328,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.error("--rounds, --iters and --threads must be at least 1, --warmup at least 0")
     result = run(args)
     text = table(result)
-    result["table"] = text
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(text)
-    print(f"\nJSON: {args.out}")
+    emit(result, text, args.out)
     return 0
 
 

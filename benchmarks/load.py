@@ -29,7 +29,6 @@ import contextlib
 import importlib.metadata
 import json
 import os
-import platform
 import re
 import shutil
 import signal
@@ -44,6 +43,9 @@ import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from benchmarks import environment
+from benchmarks.environment import emit
 
 ROOT = Path(__file__).resolve().parent.parent
 HERE = Path(__file__).resolve().parent
@@ -253,32 +255,12 @@ def versions() -> dict[str, str]:
     return out
 
 
-def machine() -> dict[str, Any]:
-    cpu = platform.processor() or ""
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    info: dict[str, Any] = {"cpu": cpu, "logical_cpus": os.cpu_count(), "python": sys.version.split()[0]}
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        head = subprocess.run(["git", "rev-parse", "HEAD"], check=False, cwd=ROOT, capture_output=True, text=True)
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--", "service"], check=False, cwd=ROOT, capture_output=True, text=True
-        )
-        info["commit"] = head.stdout.strip()
-        info["service_modified"] = bool(dirty.stdout.strip())
-    with contextlib.suppress(OSError):
-        info["loadavg_at_start"] = Path("/proc/loadavg").read_text().split()[:3]
-    return info
-
-
 # ------------------------------------------------------------------------------------------------ the run
 def run(args: argparse.Namespace) -> dict[str, Any]:
     server_cpus = None if args.no_pin else args.server_cpus
     client_cpus = None if args.no_pin else args.client_cpus
     body = BODY.read_bytes()
-    host = machine()  # load average before the run
+    host = {**environment.host(), **environment.git_state("service")}  # load average before the run
     with tempfile.TemporaryDirectory(prefix="bnfold-load-") as tmpdir:
         tmp = Path(tmpdir)
         script = tmp / "load.lua"
@@ -417,13 +399,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.no_pin = True
     result = run(args)
     text = table(result)
-    result["table"] = text
     result["command"] = "python -m benchmarks.load " + " ".join(argv if argv is not None else sys.argv[1:])
     result["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(text)
-    print(f"\nJSON: {args.out}")
+    emit(result, text, args.out)
     return 0 if result["all_met"] else 1
 
 

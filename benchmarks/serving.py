@@ -46,7 +46,6 @@ import http.client
 import importlib.metadata
 import json
 import os
-import platform
 import shutil
 import signal
 import socket
@@ -63,6 +62,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from benchmarks.environment import emit, git_state, host
 
 ROOT = Path(__file__).resolve().parent.parent
 HERE = Path(__file__).resolve().parent
@@ -605,38 +606,6 @@ def versions(mlserver_python: str | None) -> dict[str, Any]:
     return v
 
 
-def machine() -> dict[str, Any]:
-    cpu = platform.processor() or ""
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    git: dict[str, Any] = {}
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        head = subprocess.run(
-            ["git", "rev-parse", "HEAD"], check=False, cwd=ROOT, capture_output=True, text=True, timeout=10
-        )
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--", "service", "converter"],
-            check=False,
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
-        git = {"commit": head.stdout.strip(), "service_or_converter_modified": bool(dirty.stdout.strip())}
-    with contextlib.suppress(OSError):
-        git["loadavg_at_start"] = Path("/proc/loadavg").read_text().split()[:3]
-    return {
-        "cpu": cpu,
-        "logical_cpus": os.cpu_count(),
-        "platform": platform.platform(),
-        "python": sys.version.split()[0],
-        **git,
-    }
-
-
 # ------------------------------------------------------------------------------------------------ the run
 @dataclass(frozen=True)
 class Cell:
@@ -677,7 +646,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     else:
         threads = int(args.intra_op_threads)
     session_options = {**SESSION_OPTIONS, "intra_op_num_threads": threads}
-    result: dict[str, Any] = {"benchmark": "serving", "machine": machine(), "versions": versions(mlserver_python)}
+    machine = {**host(), **git_state("service", "converter")}
+    result: dict[str, Any] = {"benchmark": "serving", "machine": machine, "versions": versions(mlserver_python)}
     with tempfile.TemporaryDirectory(prefix="bnfold-serving-") as tmp_name:
         tmp = Path(tmp_name)
         lua = tmp / "post.lua"
@@ -1003,13 +973,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.error("--rounds, --duration and every --concurrency must be at least 1")
     result = run(args)
     text = table(result)
-    result["table"] = text
     result["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     result["loadavg_at_end"] = list(os.getloadavg())
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(text)
-    print(f"\nJSON: {args.out}")
+    emit(result, text, args.out)
     return 0
 
 

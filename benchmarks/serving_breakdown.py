@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import functools
-import json
 import os
 import statistics
 import sys
@@ -41,6 +40,7 @@ import numpy as np
 from fastapi import FastAPI, Request  # module level: the route's string annotations resolve here
 from fastapi.responses import Response
 
+from benchmarks.environment import emit
 from benchmarks.serving import build_conv224, build_tiny
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "serving_breakdown.json"
@@ -253,11 +253,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     text = "\n".join(lines) + (
         "CPU us: process CPU time per request (all threads; the mean of a round, median over rounds); wall: per request"
     )
-    result["table"] = text
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(text)
-    print(f"\nJSON: {args.out}")
+    emit(result, text, args.out)
     return 0
 
 
