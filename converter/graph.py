@@ -29,6 +29,14 @@ def subgraphs(node: NodeProto) -> Iterator[GraphProto]:
             yield from attr.graphs
 
 
+def nested_nodes(graph: GraphProto) -> Iterator[NodeProto]:
+    """Every node inside the subgraphs of ``graph``'s nodes, at any depth (not ``graph``'s own nodes)."""
+    for node in graph.node:
+        for sub in subgraphs(node):
+            yield from sub.node
+            yield from nested_nodes(sub)
+
+
 def _outer_references(graph: GraphProto) -> set[str]:
     """Names a subgraph reads without defining them itself (recursively)."""
     defined = {i.name for i in graph.input} | {t.name for t in graph.initializer}

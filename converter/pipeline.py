@@ -22,7 +22,7 @@ from onnx import ModelProto
 from converter import bn_modes, modelio, precision, rules, torch_export
 from converter.errors import InputError, VerificationError
 from converter.folding import cast_exact
-from converter.graph import Graph, display_name
+from converter.graph import Graph, display_name, nested_nodes
 from converter.report import Counts, LayerRecord, Report
 from converter.shapes import Cast, ValueInfo
 from converter.verify import TOLERANCES, InputShapes, ModelSource, verify
@@ -167,6 +167,12 @@ def _report(options: Options, before: Counts, result: Rewrite) -> Report:
         report.notes.append(
             f"{result.training} BatchNormalization node(s) {TRAINING_NOTE}; verification compares against the "
             "original with that same change"
+        )
+    nested = sum(1 for n in nested_nodes(result.model.graph) if bn_modes.is_batchnorm(n))
+    if nested:
+        report.notes.append(
+            f"{nested} BatchNormalization node(s) inside If/Loop/Scan bodies left as they are: subgraphs are not "
+            "rewritten"
         )
     return report
 

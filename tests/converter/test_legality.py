@@ -289,3 +289,24 @@ def test_unsupported_weight_dtype_is_kept() -> None:
     m = model(nodes, [("x", [1, 2, 5, 5])], ["y"], inits)
     result = convert(m, verify=False)
     assert "bfloat16" in kept_reason(result) or "not a foldable" in kept_reason(result)
+
+
+def test_batchnorm_inside_a_subgraph_is_left_and_the_report_says_so() -> None:
+    def branch(name: str, nodes: list[object], out: str, inits: list[TensorProto]) -> object:
+        value = helper.make_tensor_value_info(out, TensorProto.FLOAT, [1, 3, 5, 5])
+        return helper.make_graph(nodes, name, [], [value], initializer=inits)
+
+    then = branch("then", [conv("c_then"), bn_node("c_then", "y_then")], "y_then", bn_initializers(P))
+    other = branch("else", [conv("c_else")], "c_else", [])
+    m = model(
+        [helper.make_node("If", ["cond"], ["y"], then_branch=then, else_branch=other)],
+        [("cond", []), ("x", [1, 2, 5, 5])],
+        ["y"],
+        [tensor("W", W)],
+    )
+    m.graph.input[0].type.tensor_type.elem_type = TensorProto.BOOL
+    result = convert(m)
+    assert result.report.layers == []
+    assert any("1 BatchNormalization node(s) inside If/Loop/Scan bodies" in n for n in result.report.notes)
+    for cond in (True, False):
+        equal_outputs(m, result.model, {"cond": np.array(cond), "x": X})
