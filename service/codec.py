@@ -20,6 +20,7 @@ import numpy as np
 import orjson
 from numpy.typing import NDArray
 
+from service import fastjson
 from service.errors import BadRequest
 
 Array = NDArray[Any]
@@ -113,6 +114,10 @@ def element_count(name: str, shape: object, limit: int) -> tuple[tuple[int, ...]
 def decode_json_data(name: str, datatype: str, shape: tuple[int, ...], count: int, data: object) -> Array:
     """JSON ``data`` (flat or nested as the shape) to an array of ``datatype``."""
     dtype = DATATYPES[datatype]
+    if isinstance(data, np.ndarray):  # flat float64 from fastjson, for float datatypes only
+        if data.size != count:
+            raise BadRequest(f"input '{name}': {data.size} elements given, shape {list(shape)} needs {count}")
+        return data.astype(dtype).reshape(shape)
     if not isinstance(data, list):
         data = [data]
     if datatype == "BYTES":
@@ -220,10 +225,12 @@ def parse_request(body: bytes, header_length: int | None, max_elements: int) -> 
             )
         view = memoryview(body)
         header, rest = view[:header_length], view[header_length:]
-    try:
-        obj = orjson.loads(header)
-    except orjson.JSONDecodeError as exc:
-        raise BadRequest(f"request header is not valid JSON: {exc}") from None
+    obj = fastjson.loads(body) if header_length is None else None
+    if obj is None:
+        try:
+            obj = orjson.loads(header)
+        except orjson.JSONDecodeError as exc:
+            raise BadRequest(f"request header is not valid JSON: {exc}") from None
     if not isinstance(obj, dict):
         raise BadRequest("request must be a JSON object")
     params = _dict(obj.get("parameters"), "parameters")
