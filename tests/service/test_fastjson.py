@@ -118,6 +118,18 @@ def test_brackets_in_strings_do_not_hide_a_nested_array() -> None:
     assert not taken(orjson.dumps(nested))
 
 
-@pytest.mark.parametrize("body", [b"", b"{", b"[1, 2]", b'{"inputs": 1}', b'{"a": NaN}', b"\xff\xfe", b'{"a": 1e400}'])
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"",
+        b"{",
+        b"[1, 2]",
+        b'{"inputs": 1}',
+        b'{"a": NaN}',
+        b"\xff\xfe",
+        b'{"a": 1e400}',
+        b'\xef\xbb\xbf{"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1]}]}',
+    ],
+)
 def test_malformed_bodies_get_the_same_400(body: bytes) -> None:
     assert same_both_ways(body)[0] == "error"
