@@ -133,3 +133,18 @@ def test_brackets_in_strings_do_not_hide_a_nested_array() -> None:
 )
 def test_malformed_bodies_get_the_same_400(body: bytes) -> None:
     assert same_both_ways(body)[0] == "error"
+
+
+TOKENS = [
+    *(b"{", b"}", b"[", b"]", b",", b":", b" ", b"\n", b"\xef\xbb\xbf", b"\x00", b'"\xc3\xa9"', b'"x\\u0041"'),
+    *(b'"inputs"', b'"name"', b'"x"', b'"shape"', b'"datatype"', b'"FP32"', b'"data"', b'"id"', b'"[x"'),
+    *(b"1", b"-0", b"1.5e3", b"1e999", b"true", b"null", b"18446744073709551616", b"-9223372036854775809"),
+]
+SKELETON = b'{"inputs": [{"name": "x", "shape": [2], "datatype": "FP32", "data": [1.5, %s]}]}'
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.sampled_from(TOKENS), max_size=12), st.booleans())
+def test_token_soup_parses_the_same_both_ways(tokens: list[bytes], inside: bool) -> None:
+    soup = b"".join(tokens)
+    same_both_ways(SKELETON % soup if inside else soup)
