@@ -148,3 +148,9 @@ SKELETON = b'{"inputs": [{"name": "x", "shape": [2], "datatype": "FP32", "data":
 def test_token_soup_parses_the_same_both_ways(tokens: list[bytes], inside: bool) -> None:
     soup = b"".join(tokens)
     same_both_ways(SKELETON % soup if inside else soup)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.sampled_from([b" ", b"\n", b"\t", b"\r", b"\x0b", b"\x00", b"\xef\xbb\xbf"]), max_size=3))
+def test_whatever_precedes_a_valid_request_is_judged_the_same_both_ways(prefix: list[bytes]) -> None:
+    same_both_ways(b"".join(prefix) + SKELETON % b"2")
