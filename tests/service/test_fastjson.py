@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -154,3 +155,38 @@ def test_token_soup_parses_the_same_both_ways(tokens: list[bytes], inside: bool)
 @given(st.lists(st.sampled_from([b" ", b"\n", b"\t", b"\r", b"\x0b", b"\x00", b"\xef\xbb\xbf"]), max_size=3))
 def test_whatever_precedes_a_valid_request_is_judged_the_same_both_ways(prefix: list[bytes]) -> None:
     same_both_ways(b"".join(prefix) + SKELETON % b"2")
+
+
+def test_a_real_server_answers_a_large_json_request_like_onnx_runtime(tmp_path: Path) -> None:
+    """End to end: tritonclient's JSON tensors (no binary) above the threshold, through uvicorn, into ONNX Runtime."""
+    import tritonclient.http as tc
+    from onnx import TensorProto, helper, numpy_helper
+
+    from tests.service.servers import save, start
+    from tests.service.test_codec import triton_body
+
+    n = 20_000  # ~400 KB of JSON: over MIN_BYTES, and over the size decoded off the event loop
+    graph = helper.make_graph(
+        [helper.make_node("Mul", ["x", "k"], ["y"])],
+        "wide",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, n])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, n])],
+        [numpy_helper.from_array(np.array(3.0, np.float32), "k")],
+    )
+    save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "repo", "wide")
+    server = start(tmp_path, "--model-repository", str(tmp_path / "repo"))
+    try:
+        x = np.random.default_rng(3).standard_normal((1, n)).astype(np.float32)
+        inp = tc.InferInput("x", [1, n], "FP32")
+        inp.set_data_from_numpy(x, binary_data=False)
+        out = tc.InferRequestedOutput("y", binary_data=False)
+        body, _ = triton_body([inp], [out])
+        assert fastjson.loads(body) is not None  # the body tritonclient sends takes the simdjson path
+        got = tc.InferenceServerClient(url=server.address).infer("wide", [inp], outputs=[out]).as_numpy("y")
+        assert got is not None and np.array_equal(got, x * np.float32(3.0))
+        nested = {"inputs": [{"name": "x", "shape": [1, n], "datatype": "FP32", "data": [[0.5], *[0.5] * (n - 1)]}]}
+        with server.client() as http:
+            reply = http.post("/v2/models/wide/infer", content=orjson.dumps(nested))
+        assert reply.status_code == 400 and "ragged" in reply.json()["error"]
+    finally:
+        assert server.stop() == 0
