@@ -179,3 +179,16 @@ def test_two_workers(tmp_path: Path) -> None:
     finally:
         code = srv.stop()
     assert code == 0, srv.output()[-2000:]
+
+
+@pytest.mark.parametrize(("setting", "expected"), [(0, len(os.sched_getaffinity(0))), (1, 1), (3, 3)])
+def test_intra_op_threads_zero_means_the_cpus_this_process_may_use(tmp_path: Path, setting: int, expected: int) -> None:
+    import onnx
+
+    from service.runtime import ModelConfig, load_model
+
+    path = tmp_path / "model.onnx"
+    onnx.save(slow_model(8, 1), str(path))
+    settings = Settings(intra_op_threads=setting, warmup_runs=0)
+    model = load_model("m", "1", path, ModelConfig(max_batch_size=0), settings)
+    assert model.session.get_session_options().intra_op_num_threads == expected
