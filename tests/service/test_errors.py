@@ -14,6 +14,7 @@ import pytest
 import tritonclient.http as tc
 from tritonclient.utils import InferenceServerException
 
+from tests.reliability.helpers import metric, wait_until
 from tests.service.servers import Server, start
 
 PIXELS = {"name": "pixels", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": [0.0] * 64}
@@ -266,23 +267,11 @@ def test_http_client_sees_connection_survive_errors(server: Server) -> None:
         assert http.get("/v2/health/ready").status_code == 200
 
 
-def wait_idle(server: Server) -> None:
-    """Until no inference is in flight (an earlier test's slow request may still hold the single slot)."""
-    import time
-
-    deadline = time.monotonic() + 30
-    with server.client() as http:
-        while time.monotonic() < deadline:
-            if "bnfold_requests_in_flight 0.0" in http.get("/metrics").text:
-                return
-            time.sleep(0.05)
-    raise AssertionError("server never became idle")
-
-
 def test_a_body_that_never_arrives_is_408_and_frees_its_place(limited: Server) -> None:
     import socket
 
-    wait_idle(limited)
+    # an earlier test's slow request may still hold the single slot
+    wait_until(lambda: metric(limited, "bnfold_requests_in_flight") == 0, 30, what="no inference in flight")
 
     with socket.create_connection(("127.0.0.1", limited.port), timeout=10) as sock:
         sock.sendall(

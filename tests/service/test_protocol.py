@@ -224,6 +224,7 @@ def test_inference_never_blocks_the_event_loop(server: Server) -> None:
     done = threading.Event()
     slow_s: list[float] = []
     probe_s: list[float] = []
+    statuses: list[int] = []
 
     def timed(call: Callable[[], httpx.Response], into: list[float]) -> int:
         start = time.perf_counter()
@@ -234,7 +235,7 @@ def test_inference_never_blocks_the_event_loop(server: Server) -> None:
     def slow(http: httpx.Client) -> None:
         try:
             for _ in range(10):
-                assert timed(lambda: http.post("/v2/models/slow/infer", json=body), slow_s) == 200
+                statuses.append(timed(lambda: http.post("/v2/models/slow/infer", json=body), slow_s))
         finally:
             done.set()
 
@@ -244,7 +245,7 @@ def test_inference_never_blocks_the_event_loop(server: Server) -> None:
         while not done.is_set():
             assert timed(lambda: probing.get("/v2/health/live"), probe_s) == 200
         thread.join()
-    assert len(slow_s) == 10 and len(probe_s) >= 10
+    assert statuses == [200] * 10 and len(probe_s) >= 10
     assert statistics.median(probe_s) < statistics.median(slow_s) / 4, (probe_s, slow_s)
 
 
