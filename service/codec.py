@@ -117,7 +117,8 @@ def decode_json_data(name: str, datatype: str, shape: tuple[int, ...], count: in
     if isinstance(data, np.ndarray):  # flat float64 from fastjson, for float datatypes only
         if data.size != count:
             raise BadRequest(f"input '{name}': {data.size} elements given, shape {list(shape)} needs {count}")
-        return data.astype(dtype).reshape(shape)
+        with np.errstate(over="ignore"):  # beyond FP16/FP32 range rounds to ±inf, as IEEE casts do
+            return data.astype(dtype).reshape(shape)
     if not isinstance(data, list):
         data = [data]
     if datatype == "BYTES":
@@ -149,7 +150,8 @@ def decode_json_data(name: str, datatype: str, shape: tuple[int, ...], count: in
             raise BadRequest(f"input '{name}': a value is out of the {datatype} range")
     elif arr.size and kind not in "iuf":
         raise BadRequest(f"input '{name}': {datatype} data must be numbers")
-    return arr.astype(dtype, copy=False).reshape(shape)
+    with np.errstate(over="ignore"):  # beyond FP16/FP32 range rounds to ±inf, as IEEE casts do
+        return arr.astype(dtype, copy=False).reshape(shape)
 
 
 def _exact_integers(name: str, datatype: str, data: list[Any]) -> Array:
