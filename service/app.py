@@ -24,7 +24,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service import __version__
+from service import __version__, memory
 from service.errors import ServiceError, Unauthorized
 from service.inference import InferenceMiddleware
 from service.metrics import Metrics
@@ -72,6 +72,8 @@ class Service:
     async def start(self) -> None:
         s = self.settings
         ort.disable_telemetry_events()  # a server has no business phoning home (and a read-only root complains)
+        if s.reuse_large_buffers:
+            memory.reuse_large_buffers()
         self.scheduler = Scheduler(s.max_concurrency, s.max_queue, s.retry_after_seconds)
         scheduler = self.scheduler
         self.metrics.in_flight.set_function(lambda: scheduler.admitted)

@@ -81,6 +81,12 @@ class Settings(BaseSettings):
     graceful_shutdown_seconds: int = Field(
         30, ge=0, description="On SIGTERM, how long in-flight requests may take to finish."
     )
+    reuse_large_buffers: bool = Field(
+        True,
+        description="Keep freed multi-megabyte request buffers for reuse (glibc malloc mmap threshold 32 MiB, trim "
+        "threshold 64 MiB) instead of mapping fresh pages for every large request; no effect off glibc or when "
+        "`MALLOC_MMAP_THRESHOLD_`/`MALLOC_TRIM_THRESHOLD_` are set.",
+    )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
 
     @field_validator("providers", mode="before")
