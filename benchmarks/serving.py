@@ -12,9 +12,10 @@ What runs (``--rounds`` rounds; in each, every cell once, cells of one (model, c
 their order rotated every round, so drift on a noisy machine lands on all servers alike):
 
 - in-process baseline: a child process with the server's CPU pinning loads each model through the service's
-  own ``service.runtime.load_model`` with default ``Settings()`` (so: the same folded graph and session
-  options), then times, in turn, ``session.run`` alone and the service's request path without HTTP
-  (``LoadedModel.prepare`` + ``execute``: decode, validate, run, encode) for the JSON and the binary body;
+  own ``service.runtime.load_model`` with default ``Settings()`` (so: the same folded graph, session
+  options and malloc thresholds, ``service.memory``), then times, in turn, ``session.run`` alone and the
+  service's request path without HTTP (``LoadedModel.prepare`` + ``execute``: decode, validate, run, encode)
+  for the JSON and the binary body;
 - ``bnfold serve --model-repository DIR --port P`` (a subprocess, default settings: no ``BNFOLD_*`` variables
   except ``BNFOLD_INTRA_OP_THREADS`` when pinned, see ``--intra-op-threads``);
 - MLServer (its own virtualenv, ``benchmarks/mlserver_runtime.py`` as the runtime, the same session options,
@@ -473,11 +474,14 @@ def cpu_seconds(pid: int | None) -> float | None:
 # ------------------------------------------------------------------------------------------------ baseline
 def baseline_worker(spec_path: Path) -> int:
     """Child process (pinned like the server): session.run and the service's request path, no HTTP."""
+    from service import memory
     from service.runtime import ModelConfig, load_model
     from service.settings import Settings
 
     spec = json.loads(spec_path.read_text())
     settings = Settings(model_repository=Path(spec["repository"]), intra_op_threads=spec["intra_op_threads"])
+    if settings.reuse_large_buffers:  # as the server's start-up does
+        memory.reuse_large_buffers()
     results: dict[str, Any] = {"threads": None, "models": {}}
     for m in spec["models"]:
         path = Path(spec["repository"]) / m["name"] / "1" / "model.onnx"

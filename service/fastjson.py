@@ -99,9 +99,15 @@ def _floats(data: simdjson.Array) -> np.ndarray[Any, np.dtype[np.float64]]:
     return values
 
 
-def _count(body: bytes, byte: bytes) -> int:
-    """``body.count(byte)`` for one byte, vectorised: ~0.3 ms for 3 MB against bytes.count's ~1.8 ms."""
-    return int(np.count_nonzero(np.frombuffer(body, dtype=np.uint8) == ord(byte)))
+def _count(body: bytes, byte: bytes, step: int = 1 << 16) -> int:
+    """``body.count(byte)`` for one byte, vectorised: ~0.4 ms for 3 MB against bytes.count's ~1.7 ms.
+
+    In 64 KiB slices, so that the comparison's temporaries stay below glibc's default mmap threshold (one 3 MB
+    temporary is a fresh mapping, and its page faults cost more than the count, whatever BNFOLD_REUSE_LARGE_BUFFERS).
+    """
+    view = np.frombuffer(body, dtype=np.uint8)
+    code = ord(byte)
+    return sum(int(np.count_nonzero(view[i : i + step] == code)) for i in range(0, view.size, step))
 
 
 def _keys(obj: simdjson.Object) -> list[str]:

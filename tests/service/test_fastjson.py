@@ -190,3 +190,8 @@ def test_a_real_server_answers_a_large_json_request_like_onnx_runtime(tmp_path: 
         assert reply.status_code == 400 and "ragged" in reply.json()["error"]
     finally:
         assert server.stop() == 0
+
+
+@given(st.one_of(st.binary(max_size=300), st.text("[]1, ", max_size=300).map(str.encode)), st.integers(1, 64))
+def test_the_sliced_count_counts_like_bytes_count(body: bytes, step: int) -> None:
+    assert fastjson._count(body, b"[", step) == body.count(b"[")
