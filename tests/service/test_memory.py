@@ -1,8 +1,9 @@
 """BNFOLD_REUSE_LARGE_BUFFERS: glibc's thresholds really change, the operator's MALLOC_* settings win, off is off.
 
 Each case runs in a fresh interpreter (malloc settings are process-wide and glibc's defaults apply only to a
-process nobody has tuned). Whether an 8 MiB block came from mmap is read from glibc's chunk header: bit 1 of the
-size word before the block (IS_MMAPPED), stable glibc ABI since the 1990s.
+process nobody has tuned). Whether a 24 MiB block came from mmap is read from glibc's chunk header: bit 1 of the
+size word before the block (IS_MMAPPED), stable glibc ABI since the 1990s. 24 MiB: below the 32 MiB threshold set
+here, and above anything whose free during interpreter start-up could have raised glibc's dynamic threshold.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ libc = ctypes.CDLL("libc.so.6")
 libc.malloc.restype = ctypes.c_void_p
 libc.malloc.argtypes = [ctypes.c_size_t]
 tuned = memory.reuse_large_buffers() if sys.argv[1] == "tune" else None
-block = libc.malloc(8 << 20)
+block = libc.malloc(24 << 20)
 size_word = ctypes.c_size_t.from_address(block - ctypes.sizeof(ctypes.c_size_t)).value
 print(tuned, bool(size_word & 2))
 """
