@@ -117,8 +117,7 @@ def decode_json_data(name: str, datatype: str, shape: tuple[int, ...], count: in
     if isinstance(data, np.ndarray):  # flat float64 from fastjson, for float datatypes only
         if data.size != count:
             raise BadRequest(f"input '{name}': {data.size} elements given, shape {list(shape)} needs {count}")
-        with np.errstate(over="ignore"):  # beyond FP16/FP32 range rounds to ±inf, as IEEE casts do
-            return data.astype(dtype).reshape(shape)
+        return _cast(data, dtype, shape)
     if not isinstance(data, list):
         data = [data]
     if datatype == "BYTES":
@@ -150,6 +149,10 @@ def decode_json_data(name: str, datatype: str, shape: tuple[int, ...], count: in
             raise BadRequest(f"input '{name}': a value is out of the {datatype} range")
     elif arr.size and kind not in "iuf":
         raise BadRequest(f"input '{name}': {datatype} data must be numbers")
+    return _cast(arr, dtype, shape)
+
+
+def _cast(arr: Array, dtype: np.dtype[Any], shape: tuple[int, ...]) -> Array:
     with np.errstate(over="ignore"):  # beyond FP16/FP32 range rounds to ±inf, as IEEE casts do
         return arr.astype(dtype, copy=False).reshape(shape)
 

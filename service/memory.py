@@ -2,9 +2,9 @@
 
 A 1×3×224×224 FP32 tensor in JSON is a ~3 MB body, and serving it allocates several buffers of that size (the
 body, the parser's copy and tape, the float arrays). glibc hands out allocations above its mmap threshold with
-``mmap`` and returns them with ``munmap``, and trims freed memory at the top of a heap above its trim threshold;
-its dynamic threshold does not hold across the server's threads, so every such request faulted ~350–750 fresh
-pages in (1–2.6 ms of system time per request on the benchmark machine, ~10–20% of the request's CPU time).
+``mmap`` and returns them with ``munmap``, and trims freed memory at the top of a heap above its trim threshold.
+Left to its dynamic thresholds, the server faulted ~350–750 fresh pages in for every such request (measured:
+1–2.6 ms of system time per request on the benchmark machine, ~10–20% of the request's CPU time).
 
 With the mmap threshold at 32 MiB (glibc's own dynamic maximum) and the trim threshold at 64 MiB, those buffers
 come from the heaps and are reused; the price is that freed memory up to the trim threshold stays with the
