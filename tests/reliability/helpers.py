@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from tests.service.servers import Server
+from tests.service.servers import InThread, Server
 
 DIGITS = {"name": "pixels", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": [1.0] * 64}
 SLOW = {"inputs": [{"name": "x", "shape": [1, 384], "datatype": "FP32", "data": [0.5] * 384}]}
@@ -103,7 +103,7 @@ def reset_hwm(pid: int) -> None:
     Path(f"/proc/{pid}/clear_refs").write_text("5")
 
 
-def metric(server: Server, name: str) -> float:
+def metric(server: Server | InThread, name: str) -> float:
     """Sum of a Prometheus sample over its labels (0 when absent)."""
     text = call(server.port, "GET", "/metrics").body.decode()
     total = 0.0
