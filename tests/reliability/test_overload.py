@@ -163,8 +163,8 @@ def test_clients_that_give_up_do_not_leak_queue_places(small_queue: Server) -> N
         s = socket.create_connection(("127.0.0.1", small_queue.port), timeout=30)
         s.sendall(request_bytes("POST", "/v2/models/slow/infer", SLOW_BODY))
         socks.append(s)
-    time.sleep(0.2)
-    for s in socks:
+    wait_until(lambda: metric(small_queue, "bnfold_requests_in_flight") >= 1, 30, what="requests admitted")
+    for s in socks:  # hang up while some are queued or computing
         s.close()
     wait_until(lambda: metric(small_queue, "bnfold_requests_in_flight") == 0, 60, what="in-flight back to 0")
     replies = [raw(small_queue.port, request_bytes("POST", "/v2/models/slow/infer", SLOW_BODY)) for _ in range(4)]
