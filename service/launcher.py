@@ -221,13 +221,22 @@ def in_thread(settings: Settings | None = None, timeout: float = 120) -> Iterato
     sock.bind(("127.0.0.1", 0))  # bound here and handed to uvicorn: no race for the port
     config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on")
     server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="bnfold-in-thread", daemon=True)
+    exit_codes: list[object] = []
+
+    def run() -> None:
+        try:
+            server.run(sockets=[sock])
+        except SystemExit as exc:  # uvicorn's answer to a failed lifespan start-up
+            exit_codes.append(exc.code)
+
+    thread = threading.Thread(target=run, name="bnfold-in-thread", daemon=True)
     thread.start()
     try:
         deadline = time.monotonic() + timeout
         while not server.started:
             if not thread.is_alive():
-                raise LaunchError("the in-thread server stopped during start-up (see the log above)")
+                code = f" (exit code {exit_codes[0]})" if exit_codes else ""
+                raise LaunchError(f"the in-thread server stopped during start-up{code}; its log says why")
             if time.monotonic() > deadline:
                 raise LaunchError(f"the in-thread server did not start in {timeout:g} s")
             time.sleep(0.01)
