@@ -9,7 +9,6 @@ latency figures) does without it.
 
 from __future__ import annotations
 
-import contextlib
 import importlib.metadata
 import json
 import os
@@ -239,9 +238,3 @@ def package_versions(names: Sequence[str], missing: str | None = None) -> dict[s
         except importlib.metadata.PackageNotFoundError:
             out[n] = missing
     return out
-
-
-def stop_all(servers: Sequence[ServerProcess], timeout: float = 30) -> None:
-    for s in servers:
-        with contextlib.suppress(OSError):
-            s.stop(timeout=timeout)

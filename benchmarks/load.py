@@ -1,4 +1,4 @@
-"""Load test (issue 7): many requests at high concurrency on the default model; every answer must be 200.
+"""Load test: many requests at high concurrency on the default model; every answer must be 200.
 
 What runs:
 

@@ -1,4 +1,4 @@
-"""Serving benchmark (issue 3): in-process ONNX Runtime vs ``bnfold serve`` vs MLServer, one machine, one model.
+"""Serving benchmark: in-process ONNX Runtime vs ``bnfold serve`` vs MLServer, one machine, one model.
 
 Two models built in code, each with BatchNorm (bnfold folds it on load; MLServer gets the already-folded file,
 so both serve the same graph):

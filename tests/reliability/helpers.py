@@ -6,7 +6,7 @@ import json
 import re
 import socket
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,8 +24,6 @@ class Reply:
     status: int
     headers: dict[str, str]
     body: bytes
-    raw_head: bytes = b""
-    extra: dict[str, object] = field(default_factory=dict)
 
     def json(self) -> object:
         return json.loads(self.body)
@@ -64,7 +62,7 @@ def read_reply(sock: socket.socket) -> Reply:
         if not chunk:
             raise ConnectionError(f"connection closed after {len(rest)} of {length} body bytes")
         rest += chunk
-    return Reply(status, headers, rest[:length], head)
+    return Reply(status, headers, rest[:length])
 
 
 def raw(port: int, data: bytes, timeout: float = 30) -> Reply:

@@ -16,7 +16,7 @@ import pytest
 
 from service import cli
 from service.app import Service
-from service.settings import BUNDLED_REPOSITORY, Settings
+from service.settings import BUNDLED_REPOSITORY, Settings, unknown_variables
 from tests.reliability.helpers import metric, wait_until
 from tests.service.servers import in_process, slow_model, start
 
@@ -128,6 +128,7 @@ def test_fallback_provider_policy_serves_and_reports_it(caplog: pytest.LogCaptur
         (["--port", "70000"], {}, "setting port"),
         ([], {"BNFOLD_PROVIDERS": "tpu"}, "providers must be a list of"),
         ([], {"BNFOLD_MAX_QUEUE": "-1"}, "max_queue"),
+        ([], {"BNFOLD_MAX_QUEU": "3"}, "unknown setting BNFOLD_MAX_QUEU; did you mean BNFOLD_MAX_QUEUE?"),
     ],
 )
 def test_bad_settings_are_exit_2_one_line(
@@ -138,6 +139,13 @@ def test_bad_settings_are_exit_2_one_line(
     assert cli.main(["serve", *args]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1 and "Traceback" not in err, err
+
+
+def test_unknown_variables_far_from_any_setting_are_only_named() -> None:
+    """docker compose reads BNFOLD_IMAGE and the like from the same shell: not an error, but named."""
+    assert unknown_variables({"BNFOLD_IMAGE": "x", "BNFOLD_PORT": "1", "OTHER": "y"}) == ["BNFOLD_IMAGE"]
+    with pytest.raises(ValueError, match="did you mean BNFOLD_PROVIDERS"):
+        unknown_variables({"BNFOLD_PROVIDER": "cpu"})
 
 
 def test_settings_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
