@@ -35,8 +35,8 @@ alike): its default (0) counts the machine's cores, ignores the affinity, and pi
     .venv/bin/python -m benchmarks.serving --skip-mlserver  # without the MLServer comparison
 
 Needs ``wrk`` on PATH (Debian: ``apt-get install wrk``) and, unless ``--skip-mlserver``, an MLServer
-virtualenv (``--mlserver-python``, default ``$BNFOLD_MLSERVER_PYTHON`` or ``/work/mlserver-venv/bin/python``):
-``python3 -m venv /work/mlserver-venv && /work/mlserver-venv/bin/pip install mlserver onnxruntime httptools``.
+virtualenv (``--mlserver-python``, default ``$BNFOLD_MLSERVER_PYTHON``): ``python3 -m venv VENV &&
+VENV/bin/pip install mlserver onnxruntime httptools``, then ``--mlserver-python VENV/bin/python``.
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ from service.launcher import ServerProcess, free_port, status
 ROOT = Path(__file__).resolve().parent.parent
 HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE / "results" / "serving.json"
-DEFAULT_MLSERVER_PYTHON = os.environ.get("BNFOLD_MLSERVER_PYTHON", "/work/mlserver-venv/bin/python")
+DEFAULT_MLSERVER_PYTHON = os.environ.get("BNFOLD_MLSERVER_PYTHON")
 CONCURRENCY = (1, 8, 32)
 INTRA_OP_NOTE = (
     "ORT's default (0) sizes the intra-op pool by the machine's cores, not by the process's CPU affinity, and "
@@ -486,6 +486,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     mlserver_python = None if args.skip_mlserver else args.mlserver_python
     if shutil.which("wrk") is None:
         raise SystemExit("wrk not found on PATH (Debian: apt-get install wrk)")
+    if not args.skip_mlserver and not mlserver_python:
+        raise SystemExit("no MLServer virtualenv: give --mlserver-python VENV/bin/python, or --skip-mlserver")
     if mlserver_python and not (Path(mlserver_python).parent / "mlserver").exists():
         raise SystemExit(f"no mlserver next to {mlserver_python}; use --mlserver-python or --skip-mlserver")
     if client_cpus:
