@@ -147,7 +147,10 @@ MALFORMED = {
     "huge declared shape": (lambda: framed(one(8, shape=[1 << 10, 1 << 12]), b"\0" * 8), "above the limit"),
     "absurd dim of an empty tensor": (lambda: framed(one(0, shape=[0, 1 << 62])), "beyond the limits"),
     "negative dim": (lambda: framed(one(8, shape=[-1, 2]), b"\0" * 8), "negative dimension"),
-    "float dim": (lambda: framed(one(8, shape=[1.5, 2]), b"\0" * 8), "list of integers"),  # type: ignore[list-item]
+    "float dim": (
+        lambda: framed(one(8, shape=[1.5, 2]), b"\0" * 8),
+        "inputs[0].shape[0] must be an integer, got a number",
+    ),  # type: ignore[list-item]
     "bool out of range": (lambda: framed(one(2, "BOOL"), b"\x00\x07"), "0 or 1"),
     "unknown datatype": (lambda: framed(one(8, "FP8")), "unknown datatype"),
     "data and binary": (lambda: framed(one(8, data=[1, 2]), b"\0" * 8), "both data and binary"),
@@ -169,7 +172,10 @@ MALFORMED = {
     "nested shape mismatch": (lambda: framed(one(None, shape=[2, 1], data=[[1, 2]])), "nested data has shape"),
     "timeout negative": (lambda: framed({**one(None, data=[1, 2]), "parameters": {"timeout": -5}}), "timeout"),
     "id not a string": (lambda: framed({**one(None, data=[1, 2]), "id": 7}), "id must be a string"),
-    "outputs not a list": (lambda: framed({**one(None, data=[1, 2]), "outputs": {}}), "outputs must be a list"),
+    "outputs not a list": (
+        lambda: framed({**one(None, data=[1, 2]), "outputs": {}}),
+        "outputs must be an array, got an object",
+    ),
     "classification negative": (
         lambda: framed({**one(None, data=[1, 2]), "outputs": [{"name": "y", "parameters": {"classification": -1}}]}),
         "classification",
