@@ -51,7 +51,14 @@ def _run_serve(args: argparse.Namespace) -> int:
     # imported here: convert/inspect start faster and lighter without the web stack and pydantic
     from pydantic import ValidationError  # noqa: PLC0415
 
-    from service.settings import Settings  # noqa: PLC0415
+    from service.settings import Settings, unknown_variables  # noqa: PLC0415
+
+    try:
+        for name in unknown_variables():
+            log.warning("%s names no bnfold setting; ignored", name)
+    except ValueError as exc:
+        sys.stderr.write(f"bnfold: error: {exc}\n")
+        return 2
 
     overrides: dict[str, Any] = {
         "model": args.model,
