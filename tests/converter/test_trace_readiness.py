@@ -39,13 +39,13 @@ def test_corrupted_fold_is_localised(
     bn: str, into: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.setattr(converter.rewrite, "cast_exact", corrupt(into.split()[1]))
-    out, report = tmp_path / "out.onnx", tmp_path / "report.json"
-    assert main(["convert", str(DIGITS), "-o", str(out), "--report", str(report)]) == 3
+    out = tmp_path / "out.onnx"
+    assert main(["convert", str(DIGITS), "-o", str(out)]) == 3
     err = capsys.readouterr().err
     assert f"first diverging node {bn} ({bn} folded into {into})" in err.splitlines()[-1]
     assert f"trace: first diverging node {bn} (BatchNormalization)" in err
-    data = json.loads(report.read_text())
-    divergence = data["trace"]["divergence"]
+    assert main(["inspect", str(DIGITS), "--trace", "--json"]) == 3  # inspect verifies in memory with --trace
+    divergence = json.loads(capsys.readouterr().out)["trace"]["divergence"]
     assert (divergence["node"], divergence["layer"], divergence["fold"]) == (bn, bn, f"folded into {into}")
     assert not out.exists()
 
