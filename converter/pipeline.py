@@ -27,7 +27,7 @@ from converter.report import Counts, Readiness, Report
 from converter.rewrite import Rewrite, rewrite
 from converter.timing import Phases
 from converter.trace import first_divergence
-from converter.verify import InputSet, ModelSource, Reference, verify
+from converter.verify import Checked, InputSet, ModelSource, Reference, Verification, verify
 
 log = logging.getLogger("bnfold.converter")
 
@@ -44,6 +44,7 @@ class ConversionResult:
 class Framework:
     """A second reference: the source framework's own outputs (PyTorch; TensorFlow plugs in the same way)."""
 
+    name: str  # "PyTorch": how error messages name it
     reference: Reference
     tolerances: tuple[float, float]  # the cross-framework default (atol, rtol) in float32
     phase: str  # the report's seconds key: "verify_pytorch"
@@ -152,7 +153,7 @@ def _verify(
     with phases(fw.phase):
         framework_samples = samples if fw.reference.forward is not None else None
         checked = _checked(report, fw.reference, converted, atol, rtol, options, framework_samples, "the model")
-    what = f"verification against {fw.reference.label.split(' ')[0]} failed"
+    what = f"verification against {fw.name} failed"
     _raise_if_failed(report, checked.results, atol, rtol, what, fw.hint(report))
     log.info("verified against %s", fw.reference.label)
 
@@ -166,7 +167,7 @@ def _checked(
     options: Options,
     samples: InputSet | None,
     what: str,
-) -> Any:
+) -> Checked:
     try:
         checked = verify(
             reference,
@@ -212,7 +213,9 @@ def _trace(
             break
 
 
-def _raise_if_failed(report: Report, results: list[Any], atol: float, rtol: float, what: str, hint: str = "") -> None:
+def _raise_if_failed(
+    report: Report, results: list[Verification], atol: float, rtol: float, what: str, hint: str = ""
+) -> None:
     worst = [o for v in results for o in v.outputs if not o.passed]
     if not worst:
         return
@@ -355,7 +358,8 @@ def _file_source(path: Path, options: Options, phases: Phases) -> tuple[Source, 
 
 def _torch_source(exported: torch_export.Exported, name: str) -> Source:
     serialised = exported.model.SerializeToString()  # rewrite() changes exported.model in place
-    framework = Framework(torch_export.reference(exported), torch_export.TOLERANCE, "verify_pytorch", _torch_hint)
+    reference = torch_export.reference(exported)
+    framework = Framework("PyTorch", reference, torch_export.TOLERANCE, "verify_pytorch", _torch_hint)
     return Source(
         exported.model,
         name,
