@@ -75,9 +75,10 @@ def specs(model: ModelProto) -> list[InputSpec]:
     return out
 
 
-def load(paths: Sequence[str | os.PathLike[str]], model: ModelProto) -> InputSet:
-    """Read every path, check each array against the model's inputs, and return one feed per sample."""
-    inputs = specs(model)
+def load(paths: Sequence[str | os.PathLike[str]], model: ModelProto | Sequence[InputSpec]) -> InputSet:
+    """Read every path, check each array against the model's inputs (``model``'s graph inputs, or the given
+    specs), and return one feed per sample."""
+    inputs = specs(model) if isinstance(model, ModelProto) else list(model)
     feeds: list[Feeds] = []
     for path in paths:
         p = Path(path)

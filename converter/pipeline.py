@@ -146,9 +146,16 @@ def _file_source(path: Path, options: Options, phases: Phases) -> tuple[Source, 
 
 
 def _torch_source(exported: torch_export.Exported, name: str) -> Source:
-    serialised = exported.model.SerializeToString()  # rewrite() changes exported.model in place
-    reference = torch_export.reference(exported)
+    reference = torch_export.reference(exported, "PyTorch eval")
     framework = Framework("PyTorch", reference, torch_export.TOLERANCE, "verify_pytorch", _torch_hint)
+    return exported_source(exported, name, framework)
+
+
+def exported_source(exported: torch_export.Exported, name: str, framework: Framework) -> Source:
+    """A model another framework exported to ONNX, with that framework as the second reference. A new source
+    kind (TensorFlow/Keras) needs only its export and a :class:`Framework` whose reference is
+    ``Reference.framework(label, forward, fixed_inputs)``."""
+    serialised = exported.model.SerializeToString()  # rewrite() changes exported.model in place
     return Source(
         exported.model,
         name,

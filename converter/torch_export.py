@@ -501,8 +501,8 @@ def reference_label(exported: Exported) -> str:
     return f"PyTorch eval on {exported.inputs_from}"
 
 
-def reference(exported: Exported) -> verify.Reference:
-    """PyTorch's eval-mode forward as a verification reference: always checked on the inputs PyTorch ran at
+def reference(exported: Exported, label: str = "PyTorch eval") -> verify.Reference:
+    """The framework's eval-mode forward as a verification reference: always checked on the inputs it ran at
     export (their outputs are already known), and on real samples when the forward pass is at hand."""
     fixed = verify.InputSet(exported.inputs_from, [exported.feeds])
 
@@ -510,7 +510,7 @@ def reference(exported: Exported) -> verify.Reference:
         if feeds is exported.feeds:
             return exported.expected
         if exported.forward is None:
-            raise InputError(f"{exported.kind}: the PyTorch model is not at hand to run on other inputs")
+            raise InputError(f"{exported.kind}: the source model is not at hand to run on other inputs")
         return exported.forward(feeds)
 
-    return verify.Reference.framework("PyTorch eval", forward, fixed)
+    return verify.Reference.framework(label, forward, fixed)
