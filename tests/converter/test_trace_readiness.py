@@ -77,6 +77,25 @@ def crafted(gamma: list[float], var: list[float]) -> onnx.ModelProto:
     return model(nodes, [("x", [1, 1, 2, 2])], ["y"], [w, *bn_initializers(p)])
 
 
+def naive_fp16_counts(values: NDArray[np.float64]) -> tuple[int, int, int]:
+    with np.errstate(over="ignore"):
+        h = np.abs(values.astype(np.float32).astype(np.float16).astype(np.float64))
+    finite = np.isfinite(values)
+    return (
+        int(np.count_nonzero(np.isinf(h) & finite)),
+        int(np.count_nonzero((h > 0) & (h < 2.0**-14))),
+        int(np.count_nonzero((h == 0) & (values != 0))),
+    )
+
+
+def test_fp16_thresholds_agree_with_rounding() -> None:
+    rng = np.random.default_rng(0)
+    edges = np.array([65504, 65519.99, 65520, 65536, 2.0**-25, 2.0**-25 * 1.0001, 2.0**-14 - 2.0**-25, 2.0**-14])
+    values = np.concatenate([rng.standard_normal(3 << 20) * 10.0 ** rng.integers(-9, 6, 3 << 20), edges, -edges])
+    assert fp16_counts(values) == naive_fp16_counts(values)
+    assert all(fp16_counts(values)), fp16_counts(values)  # every kind occurs, across several chunks
+
+
 def test_fp16_counts_on_a_crafted_layer() -> None:
     assert fp16_counts(np.array([1e5, -7e4, 1e-6, 3e-5, 1e-9, 0.0, 1.0])) == (2, 2, 1)
     m = crafted([1e5, 1e-6, 1e-9, 1.0], [1.0, 1.0, 1.0, 0.0])
