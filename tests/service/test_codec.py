@@ -11,10 +11,10 @@ import tritonclient.http as tc
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from tritonclient.http._infer_result import InferResult
-from tritonclient.http._utils import _get_inference_request
 
 from service.codec import DATATYPES, OutputTensor, encode_response, parse_request
 from service.errors import BadRequest
+from tests.service.triton import triton_body
 
 LIMIT = 1 << 20
 RNG = np.random.default_rng(0)
@@ -30,23 +30,6 @@ def sample(datatype: str, shape: tuple[int, ...]) -> np.ndarray:
         return RNG.standard_normal(shape).astype(dtype)
     info = np.iinfo(dtype)
     return RNG.integers(info.min, info.max, size=shape, dtype=dtype, endpoint=True)
-
-
-def triton_body(
-    inputs: list[tc.InferInput], outputs: list[tc.InferRequestedOutput] | None = None, **kw: object
-) -> tuple[bytes, int | None]:
-    body, header_length = _get_inference_request(
-        inputs=inputs,
-        request_id=kw.get("request_id", ""),
-        outputs=outputs,
-        sequence_id=0,
-        sequence_start=False,
-        sequence_end=False,
-        priority=0,
-        timeout=kw.get("timeout"),
-        custom_parameters=None,
-    )
-    return (body if isinstance(body, bytes) else body.encode()), header_length
 
 
 # tritonclient refuses FP16 as JSON (JSON has no half type); that case is test_fp16_as_json_numbers
