@@ -56,6 +56,7 @@ from onnx import ModelProto
 
 from converter import verify
 from converter.errors import ConversionError, InputError
+from converter.errors import first_line as _first_line
 from converter.verify import OutputCheck, Verification
 
 log = logging.getLogger("bnfold.converter")
@@ -211,11 +212,6 @@ def _check_sample_inputs(torch: Any, p: Path) -> None:
                     f"{p}: the stored example inputs need unrestricted unpickling, which bnfold refuses "
                     f"({_first_line(exc)})"
                 ) from None
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:300] if text else type(exc).__name__
 
 
 # --------------------------------------------------------------------------------------------------------
