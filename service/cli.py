@@ -100,6 +100,9 @@ def serve(settings: Settings, overrides: dict[str, Any] | None = None) -> int:
         "server_header": False,
         "date_header": False,
         "timeout_graceful_shutdown": settings.graceful_shutdown_seconds,
+        # uvloop and httptools when installed (dependencies where wheels exist); service.serverinfo reports which
+        "loop": "auto",
+        "http": "auto",
     }
     if settings.workers > 1:
         # worker processes build their own app from the environment: pass the flags on through it

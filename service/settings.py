@@ -91,6 +91,9 @@ class Settings(BaseSettings):
         "`MALLOC_MMAP_THRESHOLD_`/`MALLOC_TRIM_THRESHOLD_` are set.",
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
+    ui: bool = Field(
+        True, description="Serve the web page at `/` (the models at a glance; try them in a browser); `false`: 404."
+    )
 
     @field_validator("providers", mode="before")
     @classmethod
