@@ -19,6 +19,7 @@ from onnx import GraphProto, ModelProto, TensorProto
 from onnx.external_data_helper import load_external_data_for_model
 
 from converter.errors import InputError
+from converter.errors import first_line as _first_line
 
 #: Models whose serialised size passes this are written with their tensors in a side file (`OUT.data`):
 #: protobuf cannot hold more than 2 GiB in one message.
@@ -83,11 +84,6 @@ def check(model: ModelProto, what: str = "model") -> None:
 
 def _is_external(t: TensorProto) -> bool:
     return t.HasField("data_location") and t.data_location == TensorProto.EXTERNAL
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:300] if text else type(exc).__name__
 
 
 def _varint(n: int) -> bytes:

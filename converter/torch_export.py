@@ -55,6 +55,7 @@ from onnx import ModelProto
 
 from converter import verify
 from converter.errors import ConversionError, InputError
+from converter.errors import first_line as _first_line
 
 log = logging.getLogger("bnfold.converter")
 
@@ -210,11 +211,6 @@ def _check_sample_inputs(torch: Any, p: Path) -> None:
                     f"{p}: the stored example inputs need unrestricted unpickling, which bnfold refuses "
                     f"({_first_line(exc)})"
                 ) from None
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:300] if text else type(exc).__name__
 
 
 # --------------------------------------------------------------------------------------------------------

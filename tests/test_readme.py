@@ -152,6 +152,7 @@ def test_the_answer_comparison_tolerates_float32_digits_and_nothing_else() -> No
     assert same_answer({"outputs": [{"shape": [1, 2], "data": shown["outputs"][0]["data"]}]}, shown)
 
 
+@pytest.mark.slow  # the `served` fixture is a bnfold serve subprocess
 def test_quick_start_commands(served: Server, workdir: Path) -> None:
     lines = [c for c in commands() if c.startswith("curl ")]
     assert len(lines) == 2
@@ -163,6 +164,7 @@ def test_quick_start_commands(served: Server, workdir: Path) -> None:
         assert not difference, (difference, got, expected)
 
 
+@pytest.mark.slow  # the `served` fixture is a bnfold serve subprocess
 def test_python_snippets_run(served: Server, workdir: Path) -> None:
     for snippet in blocks("python"):
         proc = subprocess.run(
