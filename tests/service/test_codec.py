@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 from tritonclient.http._infer_result import InferResult
 from tritonclient.http._utils import _get_inference_request
 
-from service.codec import DATATYPES, OutputTensor, encode_response, parse_request
+from service.codec import OutputTensor, encode_response, parse_request
+from service.datatypes import DATATYPES
 from service.errors import BadRequest
 
 LIMIT = 1 << 20
