@@ -83,7 +83,9 @@ def variants(repo: Path, name: str, body: bytes, header_length: int | None) -> d
 
     # pinned to one CPU: one intra-op thread (ORT's default counts the machine's cores and escapes the affinity)
     pinned = len(os.sched_getaffinity(0))
-    settings = Settings(model_repository=repo, intra_op_threads=pinned if pinned < (os.cpu_count() or 1) else 0)
+    settings = Settings(
+        model_repository=repo, intra_op_threads=pinned if pinned < (os.cpu_count() or 1) else 0, grpc_port=0
+    )
     model = load_model(name, "1", repo / name / "1" / "model.onnx", ModelConfig(), settings)
     pool = __import__("concurrent.futures").futures.ThreadPoolExecutor(2)
 

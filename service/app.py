@@ -11,7 +11,7 @@ import contextlib
 import logging
 import signal
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from types import FrameType
 from typing import Any
 
@@ -31,8 +31,9 @@ from service.settings import Settings
 log = logging.getLogger("bnfold.service")
 
 
-def _drain_on_signals(dataplane: DataPlane) -> None:
-    """Chain onto the server's SIGTERM/SIGINT handlers: readiness drops the moment a signal arrives."""
+def _drain_on_signals(dataplane: DataPlane, *also: Callable[[], None]) -> None:
+    """Chain onto the server's SIGTERM/SIGINT handlers: readiness drops the moment a signal arrives (and
+    ``also`` runs: the gRPC server stops taking new calls)."""
     if threading.current_thread() is not threading.main_thread():
         return
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -44,6 +45,8 @@ def _drain_on_signals(dataplane: DataPlane) -> None:
             if not dataplane.draining:
                 log.info("signal %d: readiness off, finishing in-flight requests", signum)
             dataplane.draining = True
+            for fn in also:
+                fn()
             previous(signum, frame)
 
         signal.signal(sig, handler)
@@ -52,8 +55,15 @@ def _drain_on_signals(dataplane: DataPlane) -> None:
 @contextlib.asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     dataplane: DataPlane = app.state.dataplane
-    _drain_on_signals(dataplane)
+    grpc = None
+    if dataplane.settings.grpc_port:
+        from service.grpc_server import GrpcTransport  # noqa: PLC0415  (grpc stays unloaded when it is off)
+
+        grpc = GrpcTransport(dataplane)
+    _drain_on_signals(dataplane, *([grpc.drain] if grpc else []))
     await dataplane.start()
+    if grpc is not None:
+        await grpc.start()
     poller = asyncio.create_task(dataplane.poll()) if dataplane.settings.repository_poll_seconds > 0 else None
     try:
         yield
@@ -63,6 +73,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             poller.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await poller
+        if grpc is not None:
+            await grpc.stop()  # after uvicorn drained REST; gRPC has been draining since the signal
         dataplane.stop()
 
 

@@ -254,9 +254,7 @@ def test_the_api_key_is_compared_in_constant_time() -> None:
     ]
     assert calls, "service/dataplane.py does not call secrets.compare_digest"
     authorize = next(
-        n
-        for n in ast.walk(tree)
-        if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef) and n.name == "authorize"
+        n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef) and n.name == "authorize"
     )
     assert any(c in list(ast.walk(authorize)) for c in calls), "authorize() does not use compare_digest"
     secret_names = {"_api_key", "api_key", "token", "key"}

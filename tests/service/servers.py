@@ -130,7 +130,8 @@ def start(tmp: Path, *args: str, env: dict[str, str] | None = None, ready: bool 
     """Start `python -m service serve ARGS` on a free port; wait until live (and ready, if asked)."""
     port = free_port()
     log = tmp / f"server-{port}.log"
-    full_env = {**os.environ, "BNFOLD_WARMUP_RUNS": "1", **(env or {})}
+    # gRPC off unless a test asks for it (BNFOLD_GRPC_PORT in env): its default port 8001 is shared by all
+    full_env = {**os.environ, "BNFOLD_WARMUP_RUNS": "1", "BNFOLD_GRPC_PORT": "0", **(env or {})}
     with log.open("wb") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "service", "serve", *args, "--port", str(port)],
