@@ -55,6 +55,9 @@ def _drain_on_signals(dataplane: DataPlane, *also: Callable[[], None]) -> None:
 @contextlib.asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     dataplane: DataPlane = app.state.dataplane
+    if not logging.getLogger().handlers:  # a --workers process: `bnfold serve` configured only the parent
+        logging.basicConfig(format="bnfold: %(levelname)s: %(message)s")
+        logging.getLogger("bnfold").setLevel(dataplane.settings.log_level.upper())
     grpc = None
     if dataplane.settings.grpc_port:
         from service.grpc_server import GrpcTransport  # noqa: PLC0415  (grpc stays unloaded when it is off)
