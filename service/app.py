@@ -22,7 +22,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service import __version__, rest, routes
+from service import __version__, rest, routes, webui
 from service.dataplane import DataPlane
 from service.errors import BadRequest, Internal, ServiceError
 from service.protocol import InferenceRequest
@@ -98,6 +98,7 @@ def create_app(settings: Settings | None = None) -> rest.InferenceMiddleware:
     )
     app.state.dataplane = DataPlane(settings)
     app.include_router(routes.router)
+    webui.mount(app, settings)  # `/` and /ui/*: the web page (BNFOLD_UI)
 
     @app.exception_handler(ServiceError)
     async def _service_error(request: Request, exc: ServiceError) -> Response:

@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 
 import onnxruntime as ort
 
-from service import memory, metadata
+from service import memory, metadata, serverinfo
 from service.errors import ClientGone, Internal, ServiceError, Unauthorized, Unavailable
 from service.metrics import Metrics
 from service.model import LoadedModel
@@ -177,6 +177,9 @@ class DataPlane:
         gc.collect()
         gc.freeze()
         self.started = True
+        loop, parser = serverinfo.event_loop(), serverinfo.http_parser()
+        self.metrics.server_info.labels(loop, parser).set(1)
+        log.info("event loop %s, HTTP parser %s", loop, parser)
         log.info("ready: %d model version(s) serving", self.repository.ready_count())
 
     async def poll(self) -> None:

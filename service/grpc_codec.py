@@ -39,7 +39,8 @@ def decode_request(msg: pb.ModelInferRequest, max_elements: int) -> InferRequest
         name, datatype = tensor.name, tensor.datatype
         row = V2_TYPES.get(datatype)
         if row is None:
-            raise BadRequest(f"input '{name}': unknown datatype {datatype!r}")
+            shown = datatype[:40]
+            raise BadRequest(f"inputs[{i}].datatype: unknown datatype {shown!r} (one of {', '.join(V2_TYPES)})")
         shape, count = element_count(name, list(tensor.shape), max_elements)
         if raw:
             if tensor.HasField("contents"):

@@ -60,6 +60,7 @@ def triton_config(model: LoadedModel) -> dict[str, Any]:
             "labels": model.config.labels,
             "providers": model.providers,
             "requested_providers": model.requested_providers,
+            "preprocessing": model.config.model_dump(include={"scale", "mean", "std", "layout"}, exclude_none=True),
         },
     }
 

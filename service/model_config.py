@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -25,6 +26,14 @@ class ModelConfig(BaseModel):
         None, description="Execution providers for this model (overrides BNFOLD_PROVIDERS)."
     )
     fold_on_load: bool | None = Field(None, description="Overrides BNFOLD_FOLD_ON_LOAD for this model.")
+    # How the web page turns a picture or a drawing into the input tensor: pixels read as 0..1, times scale,
+    # then (x - mean[c]) / std[c]; layout says where the channels are. The service itself never applies them.
+    scale: float | None = Field(None, description="Image inputs: factor for pixel values read as 0..1 (default 1).")
+    mean: list[float] | None = Field(None, description="Image inputs: per-channel mean, subtracted after scale.")
+    std: list[Annotated[float, Field(gt=0)]] | None = Field(
+        None, description="Image inputs: per-channel standard deviation, divided by after the mean."
+    )
+    layout: Literal["NCHW", "NHWC"] | None = Field(None, description="Image inputs: where the channels are.")
 
     @classmethod
     def read(cls, path: Path) -> ModelConfig:
