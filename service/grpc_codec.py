@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from service import fields
 from service.codec import binary_bytes, decode_binary_data, element_count
 from service.datatypes import V2_TYPES, V2Type, v2_datatype
 from service.errors import BadRequest
@@ -25,11 +26,7 @@ from service.tensors import Array, InferRequest, InferResult, InputTensor, Outpu
 def decode_request(msg: pb.ModelInferRequest, max_elements: int) -> InferRequest:
     params = parameters(msg.parameters)
     request = InferRequest(inputs=[], id=msg.id or None, parameters=params, binary_output=True)
-    timeout = params.get("timeout")
-    if timeout is not None:
-        if not isinstance(timeout, int) or isinstance(timeout, bool) or timeout < 0:
-            raise BadRequest("parameters.timeout must be a non-negative integer (microseconds)")
-        request.timeout_us = timeout
+    request.timeout_us = fields.optional_natural(params, "timeout", "parameters")  # REST's check and words
     if not msg.inputs:
         raise BadRequest("inputs must be a non-empty list")
     raw = msg.raw_input_contents
@@ -50,7 +47,7 @@ def decode_request(msg: pb.ModelInferRequest, max_elements: int) -> InferRequest
             array = _typed(name, row, shape, count, tensor.contents)
         request.inputs.append(InputTensor(name, datatype, shape, array))
     if msg.outputs:
-        request.outputs = [_output_request(o) for o in msg.outputs]
+        request.outputs = [_output_request(o, i) for i, o in enumerate(msg.outputs)]
     return request
 
 
@@ -82,11 +79,10 @@ def _typed(name: str, row: V2Type, shape: tuple[int, ...], count: int, contents:
     return np.array(values, dtype=row.dtype).reshape(shape)
 
 
-def _output_request(spec: pb.ModelInferRequest.InferRequestedOutputTensor) -> OutputRequest:
-    classes = parameters(spec.parameters).get("classification", 0)
-    if not isinstance(classes, int) or isinstance(classes, bool) or classes < 0:
-        raise BadRequest(f"output '{spec.name}': classification must be a non-negative integer")
-    return OutputRequest(spec.name, True, classes)
+def _output_request(spec: pb.ModelInferRequest.InferRequestedOutputTensor, i: int) -> OutputRequest:
+    where = fields.at(fields.at("outputs", i), "parameters")
+    classes = fields.optional_natural(parameters(spec.parameters), "classification", where)
+    return OutputRequest(spec.name, True, classes or 0)
 
 
 def parameters(params: Mapping[str, pb.InferParameter]) -> dict[str, Any]:

@@ -314,9 +314,13 @@ def test_request_mistakes_only_grpc_has(served: GrpcServer) -> None:
     assert grpc_error(served.target, bad_output).details() == rest_error(served, bad_output)[1]
     bad_param = pixels_request()
     bad_param.parameters["timeout"].string_param = "soon"
-    assert grpc_error(served.target, bad_param).details() == (
-        "parameters.timeout must be a non-negative integer (microseconds)"
-    )
+    assert grpc_error(served.target, bad_param).details() == rest_error_with(served, {"timeout": "soon"})
+
+
+def rest_error_with(srv: GrpcServer, parameters: dict[str, Any]) -> str:
+    body = {"inputs": [{"name": "pixels", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": [0.5] * 64}]}
+    with srv.server.client() as http:
+        return str(http.post("/v2/models/digits/infer", json={**body, "parameters": parameters}).json()["error"])
 
 
 def slow_request(**parameters: int) -> Any:
