@@ -75,9 +75,12 @@ def h2load(
 ) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         log = Path(tmp) / "log.tsv"
-        cmd = ["h2load", "-c", str(connections), "-m", "1", "-D", str(seconds), "-d", str(body), "--log-file", str(log)]
+        cmd = ["h2load", "-c", str(connections), "-m", "1", "-D", str(max(1, round(seconds))), "-d", str(body)]
+        cmd += ["--log-file", str(log)]
         cmd += [a for h in headers for a in ("-H", h)] + (["--h1"] if h1 else []) + [url]
         proc = subprocess.run(pinned(cmd, cpus), capture_output=True, text=True, timeout=seconds + 120, check=False)
+        if not log.exists():
+            raise RuntimeError(f"h2load wrote no log ({proc.returncode}): {proc.stdout[-800:]} {proc.stderr[-400:]}")
         rows = [line.split("\t") for line in log.read_text().splitlines() if line.strip()]
     ok = [int(r[2]) / 1000 for r in rows if r[1] == "200"]  # start, status, latency (us)
     if proc.returncode != 0 or not ok:
