@@ -40,7 +40,7 @@ def test_ui_false_makes_the_root_a_404() -> None:
 
 def test_invalid_preprocessing_in_config_is_refused(tmp_path: Path) -> None:
     from service.errors import ModelLoadError
-    from service.runtime import ModelConfig
+    from service.model_config import ModelConfig
 
     path = tmp_path / "config.json"
     path.write_text(json.dumps({"std": [0.2, 0.0, 0.2]}))
