@@ -22,7 +22,7 @@ from onnx import ModelProto
 from converter import bn_modes, modelio, precision, rules, torch_export
 from converter.errors import InputError, VerificationError
 from converter.folding import cast_exact
-from converter.graph import Graph, display_name, nested_nodes
+from converter.graph import Graph, nested_nodes
 from converter.report import Counts, LayerRecord, Report
 from converter.shapes import Cast, ValueInfo
 from converter.verify import TOLERANCES, InputShapes, ModelSource, verify
@@ -144,10 +144,9 @@ def _fold_all(g: Graph, info: ValueInfo, cast: Cast, layers: dict[str, LayerReco
                 record = layers.setdefault(name, LayerRecord(name, kind, "kept"))
             else:
                 continue
-            producer = g.node(found.producer)
             record.action, record.reason = "folded", None
-            record.into = f"{producer.op_type} {display_name(producer)}"
-            found.rule.apply(g, found, cast)
+            record.into, record.fold = found.into, found.kind
+            found.apply(g, cast)
             changed = True
 
 

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 from onnx import ModelProto
 
+from converter.affine import FoldKind
 from converter.verify import Verification
 
 
@@ -20,6 +21,7 @@ class LayerRecord:
     action: str  # "folded", "kept", "affine"
     into: str | None = None  # "Conv conv1" for a fold
     reason: str | None = None  # why it was not folded
+    fold: FoldKind | None = None  # which rule folded it (backward, forward, concat split, through shape op)
     notes: list[str] = field(default_factory=list)
 
 
@@ -80,6 +82,8 @@ class Report:
             width = max(len(r.name) for r in self.layers)
             for r in self.layers:
                 what = f"into {r.into}" if r.into else (r.reason or "")
+                if r.fold is not None:
+                    what += f" [{r.fold}]"
                 kind = "" if r.kind == "BatchNormalization" else f" [{r.kind}]"
                 lines.append(f"  {r.name:<{width}}  {r.action:<7} {what}{kind}")
                 lines.extend(f"  {'':<{width}}  note: {n}" for n in r.notes)
