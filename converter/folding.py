@@ -140,7 +140,7 @@ def forward_conv(
     s_full, t_full = np.broadcast_to(s, (c_in_g * group,)), np.broadcast_to(t, (c_in_g * group,))
     extra = (1,) * (w64.ndim - 2)
     new_w = w64 * s_full[inputs].reshape(c_out, c_in_g, *extra)
-    pushed = np.einsum("oj...,oj->o", w64, t_full[inputs])
+    pushed = np.einsum("ojk,oj->o", w64.reshape(c_out, c_in_g, -1), t_full[inputs])
     return new_w, _bias(b, c_out) + pushed
 
 

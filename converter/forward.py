@@ -70,20 +70,19 @@ class Forward:
         else:
             w2, b2 = folding.forward_matmul(self.weight, self.bias, self.s, self.t)
         g.write_constant(self.layer, 1, cast(w2, dtype, name), folded_name(node, "weight"))
-        bias = cast(b2, dtype, name)
-        if op == "MatMul":
-            add = _bias_add(g, self.layer)
-            if add is not None:
-                position = 1 if g.node(add).input[0] == node.output[0] else 0
-                g.write_constant(add, position, bias, folded_name(node, "bias"))
-            else:
-                add_after(g, self.layer, bias, folded_name(node, "bias"))
-        else:
-            g.write_constant(self.layer, 2, bias, folded_name(node, "bias"))
-        reader = self.layer if self.flatten is None else self.flatten
-        g.set_input(reader, 0, self.affine.input)
+        g.set_input(self.layer if self.flatten is None else self.flatten, 0, self.affine.input)
         for idx in self.affine.nodes:
             g.replace_node(idx, [])
+        bias = cast(b2, dtype, name)
+        if op != "MatMul":
+            g.write_constant(self.layer, 2, bias, folded_name(node, "bias"))
+            return
+        add = _bias_add(g, self.layer)
+        if add is not None:
+            position = 1 if g.node(add).input[0] == node.output[0] else 0
+            g.write_constant(add, position, bias, folded_name(node, "bias"))
+        else:  # last: the MatMul is re-inserted with the Add after it, under a new id
+            add_after(g, self.layer, bias, folded_name(node, "bias"))
 
 
 def match(g: Graph, affine: Affine, info: ValueInfo) -> Forward | Skip | None:
