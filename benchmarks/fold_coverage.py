@@ -112,7 +112,7 @@ def errors(original: ModelProto, converted: ModelProto, inputs: int) -> dict[str
             worst["vs_original"] = max(worst["vs_original"], rel(after, before))
             for key, got in (("original_vs_f64", before), ("bnfold_vs_f64", after)):
                 worst[key] = math.nan if truth is None else max(worst[key], rel(got, truth[i]))
-    return {k: None if math.isnan(v) else v for k, v in worst.items()}  # type: ignore[misc]
+    return {k: None if math.isnan(v) else v for k, v in worst.items()}
 
 
 def ort_basic_bn(m: ModelProto) -> int:
