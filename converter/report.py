@@ -82,7 +82,7 @@ class Report:
             width = max(len(r.name) for r in self.layers)
             for r in self.layers:
                 what = f"into {r.into}" if r.into else (r.reason or "")
-                if r.fold is not None:
+                if r.fold not in (None, FoldKind.BACKWARD):  # a plain "into X" is the backward fold
                     what += f" [{r.fold}]"
                 kind = "" if r.kind == "BatchNormalization" else f" [{r.kind}]"
                 lines.append(f"  {r.name:<{width}}  {r.action:<7} {what}{kind}")

@@ -60,3 +60,18 @@ def test_dead_constant_expressions_are_pruned() -> None:
     assert not {"Constant", "Cast", "Reshape", "Slice", "Concat", "Transpose"} & set(ops), ops
     linear = convert(zoo.linear_bn())
     assert op_types(linear.model) == ["MatMul", "Add", "Relu", "Identity"]  # Identity: the named output
+
+
+def test_text_report_marks_rules_other_than_backward() -> None:
+    text = convert(zoo.upsample_decoder()).report.to_text()
+    assert "  bn0  folded  into ConvTranspose convtranspose0\n" in text  # backward: plain, as always
+    assert "  bn1  folded  into ConvTranspose convtranspose1 [forward]\n" in text
+    layers = convert(zoo.upsample_decoder()).report.to_dict()["layers"]
+    assert [layer["fold"] for layer in layers] == ["backward", "forward"]
+
+
+def test_affine_mode_rewrites_what_forward_folding_refuses() -> None:
+    m = zoo.padded_next_conv()
+    result = convert(m, bn="affine")
+    assert [r.action for r in result.report.layers] == ["affine"]
+    assert "BatchNormalization" not in op_types(result.model)
