@@ -376,14 +376,37 @@ def _through_shape_ops(g: Graph, first: int, affine: Affine, info: ValueInfo, ru
     mine = info.channel_layout(name, rule.channel_axis)
     theirs = info.channel_layout(affine.input, 1)
     if mine is None or theirs is None:
-        return Skip(f"its input comes through {ops}; the static shapes needed to prove it keeps channels are unknown")
-    if mine != theirs:
+        if rule.channel_axis != 1 or not all(_keeps_axes_0_and_1(g, i, info) for i in chain):
+            return Skip(
+                f"its input comes through {ops}; the static shapes needed to prove it keeps channels are unknown"
+            )
+    elif mine != theirs:
         return Skip(
             f"{ops} does not keep the channel axis: {mine[0]} channels × {mine[1]} inner elements in, "
             f"{theirs[0]} × {theirs[1]} at the map"
         )
     via = tuple(reversed(chain))
     return rule.match(g, idx, affine, info, reads=name, reader=via[0], via=via, kind=FoldKind.THROUGH_SHAPE)
+
+
+def _keeps_axes_0_and_1(g: Graph, idx: int, info: ValueInfo) -> bool:
+    """True for Identity, and for Squeeze/Unsqueeze of constant axes all after axis 1: they only remove or insert
+    size-1 dims behind the channel axis, so every element keeps its channel whatever the (symbolic) sizes."""
+    node = g.node(idx)
+    if node.op_type == "Identity":
+        return True
+    if node.op_type not in ("Squeeze", "Unsqueeze"):
+        return False
+    if g.opset < 13:
+        value = attribute(node, "axes")
+        axes = [int(a) for a in value] if isinstance(value, list) else None
+    else:
+        const = g.constant(node.input[1]) if len(node.input) > 1 and node.input[1] else None
+        axes = None if const is None else [int(a) for a in np.asarray(const).reshape(-1)]
+    rank = info.rank(node.output[0] if node.op_type == "Unsqueeze" else node.input[0])
+    if not axes or rank is None:
+        return False
+    return all((a + rank if a < 0 else a) >= 2 for a in axes)
 
 
 def _split_concat(g: Graph, idx: int, affine: Affine, info: ValueInfo, rules: tuple[Rule, ...]) -> Split | Skip:
