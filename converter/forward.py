@@ -89,6 +89,10 @@ def match(g: Graph, affine: Affine, info: ValueInfo) -> Forward | Skip | None:
     """A forward fold of ``affine``; None when its output does not go (alone) to a linear layer at all."""
     first = _sole_reader(g, affine.output)
     if first is None:
+        readers = [i for i in set(g.users(affine.output)) if i != SUBGRAPH and g.node(i).op_type in LAYERS]
+        if readers and len(set(g.users(affine.output))) > 1:
+            shown = ", ".join(f"{g.node(i).op_type} {display_name(g.node(i))}" for i in sorted(readers))
+            return Skip(f"forward: its output has {len(set(g.users(affine.output)))} readers, not one ({shown})")
         return None
     flatten: int | None = None
     reads = affine.output

@@ -11,7 +11,11 @@ from tests.converter.graphs import op_types, run
 
 REASONS = {
     "padded_next_conv": ["forward into Conv", "pads with zeros (pads [1, 1, 1, 1])", "0 instead of the shift"],
-    "two_readers": ["its input comes from Relu", "the output of Conv conv3 has other readers"],
+    "two_readers": [
+        "its input comes from Relu",
+        "forward: its output has 2 readers, not one (Conv conv1, Conv conv2)",
+        "the output of Conv conv3 has other readers",
+    ],
     "relu_between": ["its input comes from Relu relu0"],
     "concat_spatial_axis": ["Concat concat0 on axis 2, not the channel axis 1"],
     "reshape_mixes_channels": ["does not keep the channel axis: 4 channels × 6 inner elements in, 4 × 3"],
