@@ -33,6 +33,7 @@ from service.codec import (
     parse_request,
 )
 from service.errors import BadRequest, ModelLoadError, ServiceError, Timeout
+from service.samples import SAMPLES_FILE, sample_feeds, samples_for
 from service.settings import PROVIDER_NAMES, Settings
 
 log = logging.getLogger("bnfold.service")
@@ -119,6 +120,8 @@ class LoadedModel:
     config: ModelConfig
     fold: Report | None = None
     load_seconds: float = 0.0
+    samples: Path | None = None  # DIR/<name>/samples.npz: real inputs for fold verification and warm-up
+    warmup_inputs: str = "seed 0 random inputs"
     _output_names: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -147,6 +150,7 @@ class LoadedModel:
             "requested_providers": self.requested_providers,
             "max_batch_size": self.max_batch_size,
             "folded": _fold_summary(self.fold),
+            "warmup_inputs": self.warmup_inputs,
         }
         return meta
 
@@ -306,9 +310,10 @@ def load_model(name: str, version: str, path: Path, config: ModelConfig, setting
     fold_report: Report | None = None
     source: str | bytes = str(path)
     fold = settings.fold_on_load if config.fold_on_load is None else config.fold_on_load
+    samples = samples_for(path)  # DIR/<name>/samples.npz: verify the fold on real inputs instead of random ones
     try:
         if fold and _has_batchnorm(path):
-            result = convert(path, bn="fold")
+            result = convert(path, bn="fold", inputs=[samples] if samples else (), random=samples is None)
             fold_report = result.report
             source = result.model.SerializeToString()
             log.info(
@@ -344,6 +349,7 @@ def load_model(name: str, version: str, path: Path, config: ModelConfig, setting
     model = LoadedModel(
         name, version, path, session, inputs, outputs, max_batch, active, requested, config, fold_report
     )
+    model.samples = samples
     _warm_up(model, settings.warmup_runs)
     model.load_seconds = time.perf_counter() - start
     return model
@@ -389,6 +395,19 @@ def _spec(arg: ort.NodeArg) -> TensorSpec:
 
 
 def _warm_up(model: LoadedModel, runs: int) -> None:
+    if model.samples is not None:  # the model's real inputs, one sample per run
+        runs_on = sample_feeds(model.samples, [(t.name, t.datatype, t.shape) for t in model.inputs])
+        model.warmup_inputs = f"{len(runs_on)} samples from {SAMPLES_FILE}"
+    else:
+        runs_on = [_random_feeds(model)]
+    for i in range(runs):
+        try:
+            model.session.run(None, runs_on[i % len(runs_on)])
+        except Exception as exc:
+            raise ModelLoadError(f"{model.path}: warm-up inference failed: {_first_line(exc)}") from None
+
+
+def _random_feeds(model: LoadedModel) -> dict[str, Array]:
     rng = np.random.default_rng(0)
     feeds: dict[str, Array] = {}
     for spec in model.inputs:
@@ -400,11 +419,7 @@ def _warm_up(model: LoadedModel, runs: int) -> None:
             feeds[spec.name] = rng.standard_normal(shape).astype(dtype)
         else:
             feeds[spec.name] = np.zeros(shape, dtype=dtype)
-    for _ in range(runs):
-        try:
-            model.session.run(None, feeds)
-        except Exception as exc:
-            raise ModelLoadError(f"{model.path}: warm-up inference failed: {_first_line(exc)}") from None
+    return feeds
 
 
 def _as_text(tensor: InputTensor) -> Array:
@@ -425,5 +440,11 @@ def _fold_summary(report: Report | None) -> dict[str, Any] | None:
         "kept": [{"name": r.name, "reason": r.reason} for r in report.kept],
         "verification": None
         if v is None
-        else {"passed": v.passed, "max_abs": max((o.max_abs for o in v.outputs), default=0.0)},
+        else {
+            "passed": v.passed,
+            "max_abs": max((o.max_abs for o in v.outputs), default=0.0),
+            "inputs": SAMPLES_FILE if v.samples else "random",
+            "runs": v.runs,
+            "top1": {o.name: o.top1 for o in v.outputs if o.top1 is not None},
+        },
     }
