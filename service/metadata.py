@@ -7,6 +7,7 @@ from typing import Any
 from converter import Report
 from service import __version__
 from service.model import LoadedModel, TensorSpec
+from service.samples import SAMPLES_FILE
 
 SERVER_NAME = "bnfold"
 PLATFORM = "onnxruntime_onnx"
@@ -32,6 +33,7 @@ def model_metadata(model: LoadedModel, versions: list[str], transports: list[str
             "requested_providers": model.requested_providers,
             "max_batch_size": model.max_batch_size,
             "folded": fold_summary(model.fold),
+            "warmup_inputs": model.warmup_inputs,
             "transports": transports,
         },
     }
@@ -74,5 +76,11 @@ def fold_summary(report: Report | None) -> dict[str, Any] | None:
         "kept": [{"name": r.name, "reason": r.reason} for r in report.kept],
         "verification": None
         if v is None
-        else {"passed": v.passed, "max_abs": max((o.max_abs for o in v.outputs), default=0.0)},
+        else {
+            "passed": v.passed,
+            "max_abs": max((o.max_abs for o in v.outputs), default=0.0),
+            "inputs": SAMPLES_FILE if v.samples else "random",
+            "runs": v.runs,
+            "top1": {o.name: o.top1 for o in v.outputs if o.top1 is not None},
+        },
     }
