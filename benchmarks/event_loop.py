@@ -94,9 +94,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 raise RuntimeError(f"the servers run {reported}, not what their names say")
             for model, enc, c in CELLS:  # warm-up
                 for v in VARIANTS:
-                    wrk_cell(
-                        tmp / "post.lua", infer_url(servers[v], model), benches[model], enc, c, args.warmup, client_cpus
-                    )
+                    url = infer_url(servers[v], model)
+                    wrk_cell(tmp / "post.lua", url, benches[model], enc, c, args.warmup, client_cpus)
             for r in range(args.rounds):
                 cells: dict[str, Any] = {}
                 for model, enc, c in CELLS:
