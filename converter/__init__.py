@@ -5,7 +5,9 @@
 >>> print(result.report.to_text())            # doctest: +SKIP
 
 PyTorch in (needs ``pip install "bnfold[torch]"``): ``convert_torch(module, example_inputs)``, or a TorchScript /
-torch.export file given to :func:`convert_file` or ``bnfold convert``.
+torch.export file given to :func:`convert_file` or ``bnfold convert``. TensorFlow in (needs
+``pip install "bnfold[tensorflow]"``): ``convert_keras(model, input_signature)``, or a ``.keras``/``.h5`` file or
+SavedModel folder.
 """
 
 from converter.errors import ConversionError, InputError, VerificationError
@@ -15,6 +17,7 @@ from converter.pipeline import (
     Options,
     convert,
     convert_file,
+    convert_keras,
     convert_torch,
     inspect_model,
 )
@@ -35,6 +38,7 @@ __all__ = [
     "VerificationError",
     "convert",
     "convert_file",
+    "convert_keras",
     "convert_torch",
     "inspect_model",
 ]

@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 from onnx import ModelProto
 
-from converter import bn_modes, modelio, precision, rules, torch_export
+from converter import bn_modes, modelio, precision, rules, tf_export, tf_patterns, torch_export
 from converter.errors import InputError, VerificationError
 from converter.folding import cast_exact
 from converter.graph import Graph, display_name, nested_nodes
@@ -246,7 +246,7 @@ def convert_file(
         dst_path = Path(dst)
         if not in_place and dst_path.exists() and src_path.exists() and os.path.samefile(src_path, dst_path):
             raise InputError(f"{dst_path}: refusing to overwrite the input without --in-place")
-    if in_place and torch_export.sniff(src_path) is not None:
+    if in_place and (tf_export.sniff(src_path) is not None or torch_export.sniff(src_path) is not None):
         raise InputError(f"{src_path}: --in-place needs an ONNX input; give the output file with -o OUT.onnx")
     exported, loaded, reference = _load(src_path, options)
     if exported is not None:
@@ -306,13 +306,20 @@ def inspect_model(src: str | os.PathLike[str] | ModelProto, options: Options | N
 
 
 def _load(src: Path, options: Options) -> tuple[torch_export.Exported | None, modelio.Loaded, ModelSource]:
-    """An ONNX file, or a PyTorch file exported to ONNX; and what ORT verification compares against."""
-    kind = torch_export.sniff(src)
-    if kind is None:
+    """An ONNX file, or a PyTorch or TensorFlow file exported to ONNX; and what ORT verification compares against."""
+    tf_kind = tf_export.sniff(src)  # recognises the file without importing TensorFlow
+    kind = torch_export.sniff(src) if tf_kind is None else None
+    if tf_kind is None and kind is None:
         return None, modelio.load(src), src
-    exported = torch_export.export_file(src, kind, options.input_shapes, options.seed)
+    if tf_kind is not None:
+        exported = tf_export.export_file(src, tf_kind, options.input_shapes, options.seed)
+    else:
+        assert kind is not None
+        exported = torch_export.export_file(src, kind, options.input_shapes, options.seed)
     modelio.check(exported.model, f"{src} (exported to ONNX)")
     serialised = exported.model.SerializeToString()  # rewrite() changes exported.model in place
+    if tf_kind is not None:
+        _canonicalise_tf(exported)
     return exported, modelio.Loaded(exported.model, src, external_data=False), serialised
 
 
@@ -385,6 +392,9 @@ def torch_tolerances(options: Options) -> tuple[float, float]:
 
 
 def _verify_torch(report: Report, options: Options, exported: torch_export.Exported, converted: ModelSource) -> None:
+    if exported.kind in tf_export.KINDS:
+        _verify_tf(report, options, exported, converted)
+        return
     atol, rtol = torch_tolerances(options)
     try:
         check = torch_export.compare(exported, converted, atol=atol, rtol=rtol)
@@ -428,3 +438,87 @@ def _verify(report: Report, options: Options, reference: ModelSource, converted:
         names = ", ".join(f"{o.name} (max abs {o.max_abs:.3g}, max rel {o.max_rel:.3g})" for o in worst)
         raise VerificationError(f"verification failed: {names} above atol {atol:g} + rtol {rtol:g}", report)
     log.info("verified %d outputs against %s", len(report.verification.outputs), label)
+
+
+# --------------------------------------------------------------------------------------------------------
+# TensorFlow/Keras in (converter.tf_export; TensorFlow is imported only when such an input arrives)
+
+
+def _canonicalise_tf(exported: torch_export.Exported) -> None:
+    """Move tf2onnx's per-channel Mul/Add next to the layer that absorbs them (exact; verified afterwards)."""
+    counts = tf_patterns.canonicalise(exported.model)
+    if any(counts.values()):
+        exported.notes.append(
+            f"TensorFlow forms rewritten for folding: {counts['moved']} Mul/Add moved before a layout op, "
+            f"{counts['gemm']} MatMul(+bias) made Gemm"
+        )
+
+
+def tf_tolerances(options: Options) -> tuple[float, float]:
+    """Tolerance of the TensorFlow comparison: ``--atol``/``--rtol`` when given, else
+    :data:`converter.tf_export.TOLERANCE`, or the float16 one with ``--fp16``."""
+    atol, rtol = TOLERANCES["float16"] if options.fp16 else tf_export.TOLERANCE
+    return (atol if options.atol is None else options.atol, rtol if options.rtol is None else options.rtol)
+
+
+def _verify_tf(report: Report, options: Options, exported: torch_export.Exported, converted: ModelSource) -> None:
+    atol, rtol = tf_tolerances(options)
+    try:
+        check = tf_export.compare(exported, converted, atol=atol, rtol=rtol)
+    except InputError:
+        raise
+    except Exception as exc:  # ONNX Runtime refused the model
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise VerificationError(f"verification could not run the model in ONNX Runtime: {first}", report) from None
+    report.extra_verifications.append(check)
+    if not check.passed:
+        worst = [o for o in check.outputs if not o.passed]
+        names = ", ".join(f"{o.name} (max abs {o.max_abs:.3g}, max rel {o.max_rel:.3g})" for o in worst)
+        raise VerificationError(
+            f"verification against TensorFlow failed: {names} above atol {atol:g} + rtol {rtol:g}", report
+        )
+    log.info("verified %d outputs against %s", len(check.outputs), check.reference)
+
+
+def convert_keras(
+    model: Any,
+    input_signature: Any = None,
+    *,
+    bn: str = "fold",
+    verify: bool = True,
+    atol: float | None = None,
+    rtol: float | None = None,
+    input_shapes: Mapping[str, Sequence[int]] | Sequence[int] | None = None,
+    fp16: bool = False,
+    fp16_io: bool = False,
+    seed: int = 0,
+) -> ConversionResult:
+    """Convert a Keras model: export with tf2onnx in inference mode, fold, verify twice.
+
+    ``input_signature`` (a ``tf.TensorSpec`` or a list of them; default: the model's inputs) is the ONNX
+    model's input signature, dynamic dims included; ``input_shapes`` fixes those dims for verification
+    (default 1). Verification runs the ONNX Runtime comparison of :func:`convert` (the converted model against
+    the exported one) and compares the converted model's outputs with TensorFlow's ``training=False`` outputs
+    (tolerance :data:`converter.tf_export.TOLERANCE`). Needs the ``tensorflow`` extra.
+    """
+    start = time.perf_counter()
+    options = Options(bn, verify, atol, rtol, None, fp16, fp16_io, seed)  # bad options fail before the export
+    exported = tf_export.export_model(model, input_signature, input_shapes=input_shapes, seed=seed)
+    modelio.check(exported.model, "the Keras model (exported to ONNX)")
+    reference = exported.model.SerializeToString()
+    _canonicalise_tf(exported)
+    export_seconds = time.perf_counter() - start
+    options = replace(options, input_shapes=exported.input_shapes)
+    before = Counts.of(exported.model)
+    result = rewrite(exported.model, options)
+    report = _report(options, before, result)
+    report.source = f"<{exported.kind} {type(model).__name__}>"
+    report.notes.extend(exported.notes)
+    report.seconds = {"export": export_seconds}
+    if options.verify:
+        tick = time.perf_counter()
+        _verify(report, options, reference, result.model, "the exported ONNX model")
+        _verify_tf(report, options, exported, result.model)
+        report.seconds["verify"] = time.perf_counter() - tick
+    report.seconds["total"] = time.perf_counter() - start
+    return ConversionResult(result.model, report)
