@@ -276,7 +276,9 @@ def convert_file(
             if exported is not None:
                 tick = time.perf_counter()
                 _verify_torch(report, options, exported, stage.path)
-                seconds["verify_pytorch"] = time.perf_counter() - tick
+                seconds["verify_tensorflow" if exported.kind in tf_export.KINDS else "verify_pytorch"] = (
+                    time.perf_counter() - tick
+                )
         stage.commit()
     seconds["total"] = time.perf_counter() - start
     report.seconds = seconds

@@ -426,6 +426,7 @@ def _export(
         raise
     except Exception as exc:
         raise ConversionError(f"{what}: tf2onnx could not export it ({_first_line(exc)})") from None
+    _rename_outputs(model, _output_names(concrete, len(output_names)))
     onnx_inputs = [i.name for i in model.graph.input]
     if sorted(onnx_inputs) != sorted(names):
         raise ConversionError(f"{what}: the ONNX export has inputs {onnx_inputs}, expected {names}")
@@ -452,6 +453,33 @@ def _export(
     if how != "TensorFlow":
         exported.notes.append(f"TensorFlow reference outputs computed by {how}")
     return exported
+
+
+def _output_names(concrete: Any, count: int) -> list[str]:
+    """A signature's output keys (sorted, as TensorFlow flattens a dict), else ``output`` / ``output0``…"""
+    structured = concrete.structured_outputs
+    if isinstance(structured, Mapping) and len(structured) == count:
+        return sorted(str(k) for k in structured)
+    return ["output"] if count == 1 else [f"output{i}" for i in range(count)]
+
+
+def _rename_outputs(model: ModelProto, names: list[str]) -> None:
+    """Give the graph outputs ``names`` (in order), renaming the values everywhere they appear."""
+    graph = model.graph
+    if len(names) != len(graph.output) or len(set(names)) != len(names):
+        return
+    mapping = {o.name: n for o, n in zip(graph.output, names, strict=True) if o.name != n}
+    taken = {i.name for i in graph.input} | {t.name for t in graph.initializer}
+    taken |= {o for node in graph.node for o in node.output} - set(mapping)
+    if not mapping or taken & set(mapping.values()) or len(set(mapping)) != len(mapping):
+        return
+    for node in graph.node:
+        node.output[:] = [mapping.get(o, o) for o in node.output]
+        node.input[:] = [mapping.get(i, i) for i in node.input]
+    for out in graph.output:
+        out.name = mapping.get(out.name, out.name)
+    for vi in graph.value_info:
+        vi.name = mapping.get(vi.name, vi.name)
 
 
 def add_zero_biases(model: ModelProto) -> int:
