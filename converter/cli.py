@@ -1,7 +1,8 @@
 """The ``convert`` and ``inspect`` commands (``bnfold convert``, ``python -m converter convert``).
 
 The input is an ONNX file, or a PyTorch file (TorchScript from ``torch.jit.save``, ExportedProgram from
-``torch.export.save``; recognised by content) that is exported to ONNX first and also verified against PyTorch.
+``torch.export.save``; recognised by content) that is exported to ONNX first and also verified against PyTorch,
+or a Keras ``.keras``/``.h5`` file or SavedModel folder (verified against TensorFlow; see docs/tensorflow.md).
 
 Exit codes: 0 success; 2 bad input or options, or a model that cannot be converted as asked; 3 verification
 failed (nothing written); 1 an internal error (a bug: please report it with the traceback).
@@ -52,7 +53,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "input",
         help="ONNX model with BatchNormalization nodes, or a PyTorch TorchScript (.pt, torch.jit.save) or "
-        "ExportedProgram (.pt2, torch.export.save) file (needs the torch extra)",
+        "ExportedProgram (.pt2, torch.export.save) file (needs the torch extra), or a Keras .keras/.h5 file or "
+        "TensorFlow SavedModel folder (needs the tensorflow extra)",
     )
     p.add_argument(
         "--bn",

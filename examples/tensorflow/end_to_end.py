@@ -141,9 +141,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return code
     layers = json.loads(report.read_text())["layers"]
     left = tf_export.affine_pairs(onnx.load(str(out)))
-    print(
-        f"  {sum(r['action'] == 'folded' for r in layers)} per-channel maps folded (BatchNorms, and a conv bias Add); left: {left}"
-    )
+    folded = sum(r["action"] == "folded" for r in layers)
+    print(f"  {folded} per-channel maps folded (BatchNorms, and a conv bias Add); left: {left}")
     images, _ = seed_bn.make_bars(100, np.random.default_rng(SEED + 2))
     want = seed_bn.inference(net, images)
     sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])

@@ -9,7 +9,7 @@ import pytest
 pytest.importorskip("tensorflow")
 pytest.importorskip("tf2onnx")
 
-from examples.tensorflow import end_to_end  # noqa: E402
+from examples.tensorflow import end_to_end
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
