@@ -129,7 +129,7 @@ def sniff(path: str | Path) -> str | None:
     if p.is_dir():
         if (p / "saved_model.pb").is_file() or (p / "saved_model.pbtxt").is_file():
             return SAVED_MODEL
-        raise InputError(f"{p}: a folder without saved_model.pb; give a SavedModel folder or a model file")
+        raise InputError(f"{p}: a directory without saved_model.pb (not a SavedModel); give a model file")
     suffix = p.suffix.lower()
     try:
         with p.open("rb") as f:
