@@ -48,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     net, _ = seed_bn.train(15)
     spec = tf.TensorSpec([None, seed_bn.SIZE, seed_bn.SIZE, 1], tf.float32, name="image")
     models.append(("seed hand-written BN", net, spec))
+    fused_spec = tf.TensorSpec([None, 8, 8, 3], tf.float32, name="x")
+    models.append(("FusedBatchNormV3 (TF1)", cases.FusedBatchNormNet(), fused_spec))
     rows = []
     for name, model, signature in models:
         specs = [signature] if signature is not None else [tf.TensorSpec(model.inputs[0].shape, tf.float32, name="x")]
@@ -69,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         if signature is None:
             result = convert_keras(model)
         else:
-            result = convert_keras(_KerasLike(net), signature)
+            result = convert_keras(_KerasLike(model), signature)
         before = _raw_export(result)
         after = tf_export.affine_pairs(result.model)
         err = float(np.abs(_ort(result.model, x) - want).max() / np.abs(want).max())

@@ -25,8 +25,8 @@ folds BatchNorm, and bnfold does it in float64 and verifies it:
    Conv bias into BatchNorm's shift, in float32.
 2. tf2onnx converts the frozen graph with no ONNX optimizer, then only its constant folding runs; then every
    Conv/ConvTranspose without a bias gets a zero one (tf2onnx's transpose optimizer folds a following Mul
-   into a *bias-less* Conv's weights and an Add into its bias, in float32); then tf2onnx's optimizers run
-   except ``remove_back_to_back`` (which fuses Conv+BatchNormalization): they remove the NHWC↔NCHW
+   into a *bias-less* Conv's weights and an Add into its bias, in float32); then all of tf2onnx's optimizers
+   run, with ``remove_back_to_back``'s Conv+BatchNormalization fusion taken out: they remove the NHWC↔NCHW
    Transpose pairs around each convolution and push BatchNorm's Mul/Add in front of the remaining ones.
 3. :func:`converter.tf_patterns.canonicalise` moves what tf2onnx left behind layout ops (Conv1D's Squeeze)
    next to its producer and turns Dense's MatMul + bias into Gemm, so the standard rules fold it.
@@ -420,8 +420,8 @@ def _export(
                 model, optimizers=OrderedDict((k, available[k]) for k in ("fold_constants", "remove_identity"))
             )
             biased = add_zero_biases(model)
-            rest = OrderedDict((k, v) for k, v in available.items() if k != "remove_back_to_back")
-            model = GraphUtil.optimize_model_proto(model, optimizers=rest)
+            with _without_conv_bn_fusion():
+                model = GraphUtil.optimize_model_proto(model, optimizers=available)
     except InputError:
         raise
     except Exception as exc:
@@ -453,6 +453,26 @@ def _export(
     if how != "TensorFlow":
         exported.notes.append(f"TensorFlow reference outputs computed by {how}")
     return exported
+
+
+@contextlib.contextmanager
+def _without_conv_bn_fusion() -> Iterator[None]:
+    """tf2onnx's ``remove_back_to_back`` optimizer without its Conv+BatchNormalization fusion (float32).
+
+    The optimizer keeps its handlers in a module-level map; the Conv+BN entry is taken out for the export and
+    put back afterwards. Its other handlers (Transpose+Transpose, Cast+Cast, Squeeze+Unsqueeze, Reshape+Reshape)
+    are what cancels the layout Transposes around a BatchNormalization node.
+    """
+    from tf2onnx.optimizer import back_to_back_optimizer  # noqa: PLC0415
+
+    handlers = back_to_back_optimizer._func_map
+    key = ("Conv", "BatchNormalization")
+    fusion = handlers.pop(key, None)
+    try:
+        yield
+    finally:
+        if fusion is not None:
+            handlers[key] = fusion
 
 
 def _output_names(concrete: Any, count: int) -> list[str]:

@@ -77,3 +77,45 @@ def fine_tuned(seed: int = 0, steps: int = 2) -> tuple[Any, list[Any]]:
     y = rng.integers(0, 2, 16 * steps)
     model.fit(x, y, batch_size=16, epochs=1, verbose=0)
     return model, frozen
+
+
+class FusedBatchNormNet:
+    """Conv2D → ``FusedBatchNormV3`` (the op TF-Keras 2 and ``tf.compat.v1.layers`` emit; ONNX BatchNormalization
+    after export) → ReLU, as a tf.Module called like the seed network: ``net(x, is_training=False)``."""
+
+    def __init__(self, seed: int = 0) -> None:
+        import tensorflow as tf  # noqa: PLC0415 - with keras already imported, this is cheap
+
+        rng = np.random.default_rng(seed)
+        self.module = tf.Module()
+        self.w = tf.Variable(rng.standard_normal((3, 3, 3, 4)).astype(np.float32))
+        self.gamma = tf.Variable(rng.uniform(0.5, 2, 4).astype(np.float32))
+        self.beta = tf.Variable(rng.standard_normal(4).astype(np.float32))
+        self.mean = tf.Variable(rng.standard_normal(4).astype(np.float32))
+        self.var = tf.Variable(rng.uniform(0.5, 2, 4).astype(np.float32))
+        self.tf = tf
+
+    def __call__(self, x: Any, is_training: bool = False) -> Any:
+        tf = self.tf
+        h = tf.nn.conv2d(x, self.w, 1, "SAME")
+        y = tf.raw_ops.FusedBatchNormV3(
+            x=h,
+            scale=self.gamma,
+            offset=self.beta,
+            mean=self.mean,
+            variance=self.var,
+            epsilon=1e-3,
+            is_training=is_training,
+        )[0]
+        return tf.nn.relu(y)
+
+    def save(self, path: str) -> None:
+        tf = self.tf
+        module = tf.Module()
+        module.variables_ = [self.w, self.gamma, self.beta, self.mean, self.var]
+        serve = tf.function(
+            lambda x: {"y": self(x, is_training=False)},
+            input_signature=[tf.TensorSpec([None, 8, 8, 3], tf.float32, name="x")],
+        )
+        module.serve = serve
+        tf.saved_model.save(module, path, signatures={"serving_default": serve})

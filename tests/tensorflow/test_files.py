@@ -96,3 +96,18 @@ def test_seed_hand_written_batchnorm(tmp_path: Path, capsys: pytest.CaptureFixtu
     got = sess.run(["logits"], {"image": images})[0]
     want = seed_bn.inference(net, images)
     assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+
+
+def test_fused_batchnorm_savedmodel(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """FusedBatchNormV3 (TF-Keras 2, tf.compat.v1) reaches ONNX as a BatchNormalization node between layout
+    Transposes; tf2onnx's own Conv+BN fusion is off, the Transposes cancel, and bnfold folds it."""
+    from tf2onnx.optimizer import back_to_back_optimizer
+
+    net = cases.FusedBatchNormNet()
+    net.save(str(tmp_path / "fused"))
+    out = tmp_path / "fused.onnx"
+    code, text, err = convert(capsys, str(tmp_path / "fused"), "-o", str(out))
+    assert code == 0, err
+    assert "BatchNormalization 1 -> 0" in text
+    assert tf_export.affine_pairs(onnx.load(str(out))) == {"batchnorm": 0, "mul_add": 0}
+    assert ("Conv", "BatchNormalization") in back_to_back_optimizer._func_map  # tf2onnx left as it was
