@@ -111,3 +111,14 @@ def test_fused_batchnorm_savedmodel(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert "BatchNormalization 1 -> 0" in text
     assert tf_export.affine_pairs(onnx.load(str(out))) == {"batchnorm": 0, "mul_add": 0}
     assert ("Conv", "BatchNormalization") in back_to_back_optimizer._func_map  # tf2onnx left as it was
+
+
+def test_inspect_and_in_place(model: object, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    src = tmp_path / "model.keras"
+    model.save(str(src))  # type: ignore[attr-defined]
+    assert cli.main(["inspect", str(src), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [layer["action"] for layer in report["layers"]] == ["folded"]
+    assert any("tf2onnx" in note for note in report["notes"])
+    code, _, err = convert(capsys, str(src), "--in-place")
+    assert code == 2 and "--in-place needs an ONNX input" in err
