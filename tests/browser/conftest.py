@@ -1,7 +1,7 @@
 """Real `bnfold serve` processes and a real Chromium (Debian's package, driven by Playwright).
 
 Playwright's own browser download is unreachable here, so the tests use the system's chromium
-(``BNFOLD_CHROMIUM`` or ``/usr/bin/chromium``; ``apt-get install chromium``). Without it the browser tests
+(``PLAYWRIGHT_CHROMIUM`` or ``/usr/bin/chromium``; ``apt-get install chromium``). Without it the browser tests
 are skipped on a developer's machine and FAIL under CI (``CI=true``), so CI cannot pass them by skipping.
 """
 
@@ -22,7 +22,7 @@ from converter.zoo import Builder, conv_bn
 from service.settings import BUNDLED_REPOSITORY
 from tests.service.servers import Server, save, start
 
-CHROMIUM = Path(os.environ.get("BNFOLD_CHROMIUM", "/usr/bin/chromium"))
+CHROMIUM = Path(os.environ.get("PLAYWRIGHT_CHROMIUM", "/usr/bin/chromium"))
 
 #: The picture models' preprocessing, as their config.json states it (the page reads it from /config).
 IMAGE_CONFIGS: dict[str, dict[str, Any]] = {
@@ -88,7 +88,7 @@ def browser() -> Iterator[Any]:
     except ImportError:
         _missing("playwright is not installed (pip install -e '.[dev]')")
     if not CHROMIUM.exists():
-        _missing(f"no chromium at {CHROMIUM} (apt-get install chromium, or set BNFOLD_CHROMIUM)")
+        _missing(f"no chromium at {CHROMIUM} (apt-get install chromium, or set PLAYWRIGHT_CHROMIUM)")
     with sync_playwright() as p:
         chromium = p.chromium.launch(executable_path=str(CHROMIUM))
         yield chromium
