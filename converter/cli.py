@@ -23,7 +23,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import FrameType
 
-from converter import torch_export
+from converter import tf_export, torch_export
 from converter.errors import ConversionError, InputError, VerificationError
 from converter.modelio import staged
 from converter.options import BN_MODES, Options
@@ -202,7 +202,7 @@ def _convert(args: argparse.Namespace) -> int:
         out = Path(args.output)
         if out.exists() and src.exists() and os.path.samefile(src, out):
             raise InputError(f"{out}: refusing to overwrite the input without --in-place")
-    if args.in_place and torch_export.sniff(src) is not None:
+    if args.in_place and (tf_export.sniff(src) is not None or torch_export.sniff(src) is not None):
         raise InputError(f"{src}: --in-place needs an ONNX input; give the output file with -o OUT.onnx")
     try:
         report = convert_file(args.input, args.output, options, in_place=args.in_place)
