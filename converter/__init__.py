@@ -5,12 +5,14 @@
 >>> print(result.report.to_text())            # doctest: +SKIP
 
 PyTorch in (needs ``pip install "bnfold[torch]"``): ``convert_torch(module, example_inputs)``, or a TorchScript /
-torch.export file given to :func:`convert_file` or ``bnfold convert``.
+torch.export file given to :func:`convert_file` or ``bnfold convert``. TensorFlow in (needs
+``pip install "bnfold[tensorflow]"``): ``convert_keras(model, input_signature)``, or a ``.keras``/``.h5`` file or
+SavedModel folder.
 """
 
 from converter.errors import ConversionError, InputError, VerificationError
 from converter.options import BN_MODES, Options
-from converter.pipeline import ConversionResult, convert, convert_file, convert_torch, inspect_model
+from converter.pipeline import ConversionResult, convert, convert_file, convert_keras, convert_torch, inspect_model
 from converter.report import Counts, LayerRecord, Report
 from converter.verify import TOLERANCES, Verification
 
@@ -28,6 +30,7 @@ __all__ = [
     "VerificationError",
     "convert",
     "convert_file",
+    "convert_keras",
     "convert_torch",
     "inspect_model",
 ]

@@ -1,7 +1,8 @@
 """The ``convert`` and ``inspect`` commands (``bnfold convert``, ``python -m converter convert``).
 
 The input is an ONNX file, or a PyTorch file (TorchScript from ``torch.jit.save``, ExportedProgram from
-``torch.export.save``; recognised by content) that is exported to ONNX first and also verified against PyTorch.
+``torch.export.save``; recognised by content) that is exported to ONNX first and also verified against PyTorch,
+or a Keras ``.keras``/``.h5`` file or SavedModel folder (verified against TensorFlow; see docs/tensorflow.md).
 
 Exit codes: 0 success; 2 bad input or options (sample files included), or a model that cannot be converted as
 asked; 3 verification failed (nothing written; the report names the first diverging node); 1 an internal error
@@ -22,7 +23,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import FrameType
 
-from converter import torch_export
+from converter import tf_export, torch_export
 from converter.errors import ConversionError, InputError, VerificationError
 from converter.modelio import staged
 from converter.options import BN_MODES, Options
@@ -60,7 +61,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "input",
         help="ONNX model with BatchNormalization nodes, or a PyTorch TorchScript (.pt, torch.jit.save) or "
-        "ExportedProgram (.pt2, torch.export.save) file (needs the torch extra)",
+        "ExportedProgram (.pt2, torch.export.save) file (needs the torch extra), or a Keras .keras/.h5 file or "
+        "TensorFlow SavedModel folder (needs the tensorflow extra)",
     )
     p.add_argument(
         "--bn",
@@ -200,7 +202,7 @@ def _convert(args: argparse.Namespace) -> int:
         out = Path(args.output)
         if out.exists() and src.exists() and os.path.samefile(src, out):
             raise InputError(f"{out}: refusing to overwrite the input without --in-place")
-    if args.in_place and torch_export.sniff(src) is not None:
+    if args.in_place and (tf_export.sniff(src) is not None or torch_export.sniff(src) is not None):
         raise InputError(f"{src}: --in-place needs an ONNX input; give the output file with -o OUT.onnx")
     try:
         report = convert_file(args.input, args.output, options, in_place=args.in_place)

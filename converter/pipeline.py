@@ -17,14 +17,23 @@ from typing import Any
 
 from onnx import ModelProto
 
-from converter import modelio, torch_export
+from converter import modelio, tf_export, tf_patterns, torch_export
 from converter.core import ConversionResult, Framework, Source, run
 from converter.errors import InputError
 from converter.options import BN_MODES, Options
 from converter.report import Report
 from converter.timing import Phases
 
-__all__ = ["BN_MODES", "ConversionResult", "Options", "convert", "convert_file", "convert_torch", "inspect_model"]
+__all__ = [
+    "BN_MODES",
+    "ConversionResult",
+    "Options",
+    "convert",
+    "convert_file",
+    "convert_keras",
+    "convert_torch",
+    "inspect_model",
+]
 
 
 def _copy(model: ModelProto) -> ModelProto:
@@ -99,7 +108,7 @@ def convert_file(
         dst_path = Path(dst)
         if not in_place and dst_path.exists() and src_path.exists() and os.path.samefile(src_path, dst_path):
             raise InputError(f"{dst_path}: refusing to overwrite the input unless converting in place")
-    if in_place and torch_export.sniff(src_path) is not None:
+    if in_place and (tf_export.sniff(src_path) is not None or torch_export.sniff(src_path) is not None):
         raise InputError(f"{src_path}: converting in place needs an ONNX input; give an output file (.onnx)")
     source, options = _file_source(src_path, options, phases)
     return run(source, options, phases, dst_path).report
@@ -125,7 +134,14 @@ def inspect_model(src: str | os.PathLike[str] | ModelProto, options: Options | N
 
 
 def _file_source(path: Path, options: Options, phases: Phases) -> tuple[Source, Options]:
-    """An ONNX file as it is, or a PyTorch file exported to ONNX (with PyTorch as a second reference)."""
+    """An ONNX file as it is, or a PyTorch or TensorFlow file exported to ONNX (with that framework as a second
+    reference)."""
+    tf_kind = tf_export.sniff(path)  # recognises the file without importing TensorFlow
+    if tf_kind is not None:
+        with phases("export"):
+            exported = tf_export.export_file(path, tf_kind, options.input_shapes, options.seed)
+            modelio.check(exported.model, f"{path} (exported to ONNX)")
+        return _tf_source(exported, str(path)), replace(options, input_shapes=exported.input_shapes)
     kind = torch_export.sniff(path)
     if kind is None:
         with phases("load"):
@@ -212,3 +228,57 @@ def torch_tolerances(options: Options) -> tuple[float, float]:
     """Tolerance of the PyTorch comparison: ``atol``/``rtol`` when given, else the cross-framework one
     (:data:`converter.torch_export.TOLERANCE`), or the float16 one with ``fp16``."""
     return options.framework_tolerances(torch_export.TOLERANCE)
+
+
+# --------------------------------------------------------------------------------------------------------
+# TensorFlow/Keras in (converter.tf_export; TensorFlow is imported only when such an input arrives)
+
+
+def _tf_source(exported: torch_export.Exported, name: str) -> Source:
+    """The tf2onnx export as the ORT reference; then TensorFlow's forms canonicalised for the rules (exact
+    rewrites, so verifying against the unrewritten export covers them too)."""
+    reference = torch_export.reference(exported, "TensorFlow inference (training=False)")
+    framework = Framework("TensorFlow", reference, tf_export.TOLERANCE, "verify_tensorflow")
+    source = exported_source(exported, name, framework)
+    counts = tf_patterns.canonicalise(source.model)
+    if any(counts.values()):
+        source.notes.append(
+            f"TensorFlow forms rewritten for folding: {counts['moved']} Mul/Add moved before a layout op, "
+            f"{counts['gemm']} MatMul(+bias) made Gemm"
+        )
+    return source
+
+
+def convert_keras(
+    model: Any,
+    input_signature: Any = None,
+    *,
+    bn: str = "fold",
+    verify: bool = True,
+    atol: float | None = None,
+    rtol: float | None = None,
+    input_shapes: Mapping[str, Sequence[int]] | Sequence[int] | None = None,
+    fp16: bool = False,
+    fp16_io: bool = False,
+    seed: int = 0,
+    inputs: Sequence[str | os.PathLike[str]] = (),
+    random: bool = True,
+    trace: bool = False,
+) -> ConversionResult:
+    """Convert a Keras model: export with tf2onnx in inference mode, fold, verify twice.
+
+    ``input_signature`` (a ``tf.TensorSpec`` or a list of them; default: the model's inputs) is the ONNX
+    model's input signature, dynamic dims included; ``input_shapes`` fixes those dims for verification
+    (default 1). Verification runs the ONNX Runtime comparison of :func:`convert` (the converted model against
+    the exported one) and compares the converted model's outputs with TensorFlow's ``training=False`` outputs
+    (tolerance :data:`converter.tf_export.TOLERANCE`). Needs the ``tensorflow`` extra.
+    """
+    options = Options(
+        bn, verify, atol, rtol, None, fp16, fp16_io, seed, tuple(os.fspath(p) for p in inputs), random, trace
+    )
+    phases = Phases()
+    with phases("export"):
+        exported = tf_export.export_model(model, input_signature, input_shapes=input_shapes, seed=seed)
+        modelio.check(exported.model, "the Keras model (exported to ONNX)")
+    options = replace(options, input_shapes=exported.input_shapes)
+    return run(_tf_source(exported, f"<{exported.kind} {type(model).__name__}>"), options, phases)
