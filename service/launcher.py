@@ -24,6 +24,7 @@ import contextlib
 import http.client
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -39,12 +40,39 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from service.settings import Settings
 
-__all__ = ["LaunchError", "ServerProcess", "ThreadServer", "free_port", "in_thread", "launch", "serving"]
+__all__ = [
+    "LaunchError",
+    "bnfold_command",
+    "ServerProcess",
+    "ThreadServer",
+    "free_port",
+    "in_thread",
+    "launch",
+    "serving",
+]
 
 READY = ("/v2/health/ready",)
 LIVE = ("/v2/health/live",)
 #: ``python -m service serve``: the ``bnfold serve`` command of the Python running this.
 SERVE = (sys.executable, "-m", "service", "serve")
+
+
+def bnfold_command() -> list[str] | None:
+    """The installed ``bnfold`` command (beside this interpreter, on PATH, or ``python -m service``) if
+    ``bnfold serve --help`` works with it, else None: what an example or script outside the package runs."""
+    beside = Path(sys.executable).with_name("bnfold")
+    candidates = [[str(beside)]] if beside.exists() else []
+    if shutil.which("bnfold"):
+        candidates.append(["bnfold"])
+    candidates.append([sys.executable, "-m", "service"])
+    for command in candidates:
+        try:
+            done = subprocess.run([*command, "serve", "--help"], capture_output=True, timeout=60, check=False)
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        if done.returncode == 0:
+            return command
+    return None
 
 
 class LaunchError(RuntimeError):

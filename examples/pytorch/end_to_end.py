@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,7 +31,7 @@ from numpy.typing import NDArray
 from torch import nn
 
 from converter import cli as converter_cli
-from service.launcher import LaunchError, free_port, launch
+from service.launcher import LaunchError, bnfold_command, free_port, launch
 
 CLASSES = ("horizontal", "vertical", "cross", "ring")
 SIZE = 16
@@ -121,23 +119,6 @@ def onnx_predictions(path: Path, images: NDArray[np.float32]) -> NDArray[np.int6
 
 
 # -- serving ---------------------------------------------------------------------------------------------
-
-
-def bnfold_command() -> list[str] | None:
-    """The ``bnfold`` command if it can serve (``bnfold serve --help`` works), else None."""
-    beside = Path(sys.executable).with_name("bnfold")
-    candidates = [[str(beside)]] if beside.exists() else []
-    if shutil.which("bnfold"):
-        candidates.append(["bnfold"])
-    candidates.append([sys.executable, "-m", "service"])
-    for command in candidates:
-        try:
-            done = subprocess.run([*command, "serve", "--help"], capture_output=True, timeout=60, check=False)
-        except (OSError, subprocess.TimeoutExpired):
-            continue
-        if done.returncode == 0:
-            return command
-    return None
 
 
 def serve_and_query(model: Path, images: NDArray[np.float32], labels: NDArray[np.int64], port: int) -> int:

@@ -17,15 +17,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
-import socket
-import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import onnx
@@ -34,45 +29,9 @@ import onnxruntime as ort
 from converter import cli as converter_cli
 from converter import tf_export
 from examples.tensorflow import seed_bn
+from service.launcher import LaunchError, bnfold_command, free_port, launch
 
 SEED = 0
-
-
-def bnfold_command() -> list[str] | None:
-    beside = Path(sys.executable).with_name("bnfold")
-    candidates = [[str(beside)]] if beside.exists() else []
-    if shutil.which("bnfold"):
-        candidates.append(["bnfold"])
-    candidates.append([sys.executable, "-m", "service"])
-    for command in candidates:
-        try:
-            done = subprocess.run([*command, "serve", "--help"], capture_output=True, timeout=60, check=False)
-        except (OSError, subprocess.TimeoutExpired):
-            continue
-        if done.returncode == 0:
-            return command
-    return None
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def wait_ready(httpx: Any, base: str, server: subprocess.Popen[str], timeout: float = 60.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            return False
-        try:
-            if httpx.get(f"{base}/v2/health/ready", timeout=2).status_code == 200:
-                return True
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    return False
 
 
 def serve_and_query(model: Path, images: np.ndarray, port: int) -> int:
@@ -87,14 +46,14 @@ def serve_and_query(model: Path, images: np.ndarray, port: int) -> int:
         print("skipping the serving step: `bnfold serve` is not available")
         return 0
     name = model.stem
-    base = f"http://127.0.0.1:{port}"
     print(f"$ bnfold serve {model} --host 127.0.0.1 --port {port}")
-    argv = [*command, "serve", str(model), "--host", "127.0.0.1", "--port", str(port)]
-    server = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        if not wait_ready(httpx, base, server):
-            print("the server did not become ready")
-            return 1
+        server = launch([str(model), "--host", "127.0.0.1"], command=[*command, "serve"], port=port, timeout=60)
+    except LaunchError as exc:
+        print(f"the server did not become ready: {exc}")
+        return 1
+    base = server.url
+    try:
         sess = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
         agree = 0
         with httpx.Client(base_url=base, timeout=30) as client:
@@ -110,12 +69,7 @@ def serve_and_query(model: Path, images: np.ndarray, port: int) -> int:
         print(f"served answers equal to ONNX Runtime's: {agree}/{len(images)}")
         return 0 if agree == len(images) else 1
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        server.stop()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
