@@ -134,7 +134,7 @@ def serve_and_query(model: Path, images: NDArray[np.float32], labels: NDArray[np
         return 0
     name = model.stem
     input_name = onnx.load(str(model), load_external_data=False).graph.input[0].name
-    args = [str(model), "--host", "127.0.0.1", "--port", str(port)]
+    args = [str(model), "--host", "127.0.0.1", "--port", str(port), "--grpc-port", "0"]  # REST only here
     print(f"$ bnfold serve {model} --host 127.0.0.1 --port {port}")
     try:
         server = launch(args, command=[*command, "serve"], port=port, timeout=60)

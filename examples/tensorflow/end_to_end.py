@@ -48,7 +48,12 @@ def serve_and_query(model: Path, images: np.ndarray, port: int) -> int:
     name = model.stem
     print(f"$ bnfold serve {model} --host 127.0.0.1 --port {port}")
     try:
-        server = launch([str(model), "--host", "127.0.0.1"], command=[*command, "serve"], port=port, timeout=60)
+        server = launch(
+            [str(model), "--host", "127.0.0.1", "--port", str(port), "--grpc-port", "0"],
+            command=[*command, "serve"],
+            port=port,
+            timeout=60,
+        )
     except LaunchError as exc:
         print(f"the server did not become ready: {exc}")
         return 1
