@@ -84,3 +84,18 @@ def test_what_the_check_cannot_reproduce_is_refused(tmp_path: Path, change: Any,
 
 def test_quantities() -> None:
     assert quantity("500m") == 0.5 and quantity("1Gi") == 1024**3 and quantity(2) == 2 and quantity("64Mi") == 64 << 20
+
+
+@pytest.mark.parametrize("script", ["kubelet-check", "scale-out-check"])
+def test_the_scripts_parse_and_ci_runs_them(script: str) -> None:
+    import shutil
+    import subprocess
+
+    from tests.deploy.manifests import ROOT
+
+    path = ROOT / "scripts" / script
+    assert path.stat().st_mode & 0o111, f"{path} is not executable"
+    if shutil.which("bash"):
+        assert subprocess.run(["bash", "-n", str(path)], check=False).returncode == 0
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert f"scripts/{script}" in ci and ci.index("scripts/docker-smoke") < ci.index(f"scripts/{script}")

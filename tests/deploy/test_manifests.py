@@ -45,8 +45,8 @@ def shared() -> Path:
     found = shared_dir()
     if found is None:
         reason = "no ../shared/kserve beside the clone (KServe CRDs); set BNFOLD_SHARED_DIR"
-        if os.environ.get("CI", "").lower() in ("1", "true"):
-            pytest.fail(f"CI: {reason}")
+        if os.environ.get("CI", "").lower() in ("1", "true") or os.environ.get("BNFOLD_REQUIRE_SHARED") == "1":
+            pytest.fail(f"CI (CI=true or BNFOLD_REQUIRE_SHARED=1): {reason}")
         pytest.skip(reason)
     return found
 
