@@ -44,6 +44,7 @@ RUN_BY_CI = [
     (r"^pip install torch==2\.13\.0 -e \"\.\[dev,torch\]\" && python -m pytest$", ".ci/run runs it verbatim"),
     (r"^(docker|docker-compose|docker compose) ", "scripts/docker-smoke (run by .ci/run)"),
     (r"^python -m pytest tests/reliability$", "part of the full test run"),
+    (r"^IMAGE=bnfold:smoke scripts/(kubelet-check|scale-out-check)$", ".ci/run runs them after docker-smoke"),
 ]
 
 
