@@ -8,7 +8,8 @@ benchmark's 1×3×224×224 four-stage Conv+BN network, V2 binary-extension body 
   from that limit; every other setting at its default (as in the manifests);
 - the client: ``wrk`` (one thread, keep-alive connections) pinned to CPU 1, POSTing one fixed body, for
   ``--seconds`` at each concurrency of ``--concurrency`` (closed loop: concurrency = requests in flight);
-  ``--rounds`` rounds, the concurrency order reversed every other round; per concurrency the median round.
+  ``--rounds`` rounds, the concurrency order reversed every other round; per concurrency the median of the
+rounds' figures.
 
 Reported per model: requests/s and p50/p99 latency at each concurrency, p99 relative to concurrency 1; the
 capacity (the highest requests/s seen); the CPU-bound capacity (1 CPU-second over the server's lowest CPU time
@@ -134,14 +135,13 @@ def measure(args: argparse.Namespace, tmp: Path, name: str, lua: Path) -> dict[s
         server.stop()
     rows = []
     for c in args.concurrency:
-        rs = sorted(runs[c], key=lambda r: r["rps"])
-        mid = rs[len(rs) // 2]
         rows.append(
             {
                 "concurrency": c,
-                "rps": mid["rps"],
-                "p50_ms": mid["p50_us"] / 1000,
-                "p99_ms": mid["p99_us"] / 1000,
+                # each figure the median over rounds (one noisy round moves none of them)
+                "rps": statistics.median(r["rps"] for r in runs[c]),
+                "p50_ms": statistics.median(r["p50_us"] for r in runs[c]) / 1000,
+                "p99_ms": statistics.median(r["p99_us"] for r in runs[c]) / 1000,
                 "p99_ms_rounds": [r["p99_us"] / 1000 for r in runs[c]],
                 "rps_rounds": [r["rps"] for r in runs[c]],
                 "errors": sum(r["errors"] for r in runs[c]),
@@ -195,7 +195,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def table(result: dict[str, Any]) -> str:
     lines = [
         f"Per-replica capacity: bnfold serve on {'CPU 0' if result['settings']['server_cpus'] else 'any CPU'}, "
-        f"1 intra-op thread; wrk on CPU 1; {result['settings']['seconds']:.0f} s per cell, median round",
+        f"1 intra-op thread; wrk on CPU 1; {result['settings']['seconds']:.0f} s per cell, medians over rounds",
         f"load average at start {result['host'].get('loadavg_at_start')}, "
         f"at end {result['host'].get('loadavg_at_end')}",
         "",
