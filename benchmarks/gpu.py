@@ -15,8 +15,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -26,6 +24,7 @@ import onnx
 import onnxruntime as ort
 
 from converter import convert, zoo
+from service.launcher import LaunchError, launch
 
 CUDA = "CUDAExecutionProvider"
 
@@ -33,22 +32,6 @@ CUDA = "CUDAExecutionProvider"
 def percentiles(samples: list[float]) -> dict[str, float]:
     ms = sorted(s * 1e3 for s in samples)
     return {"p50_ms": statistics.median(ms), "p99_ms": ms[min(len(ms) - 1, int(0.99 * len(ms)))]}
-
-
-def wait_ready(port: int, proc: subprocess.Popen[bytes], timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited with {proc.returncode} (strict policy: is CUDA really available?)")
-        try:
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-            conn.request("GET", "/v2/health/ready")
-            if conn.getresponse().status == 200:
-                return
-        except OSError:
-            pass
-        time.sleep(0.5)
-    raise SystemExit("server not ready in time")
 
 
 def main() -> None:
@@ -65,10 +48,11 @@ def main() -> None:
     path.parent.mkdir(parents=True)
     onnx.save(zoo.resnet(), str(path))
     env = {**os.environ, "BNFOLD_PROVIDERS": "cuda,cpu", "BNFOLD_PROVIDER_POLICY": "strict"}
-    cmd = [sys.executable, "-m", "service", "serve", "--model-repository", str(work / "repo"), "--port", str(args.port)]
-    proc = subprocess.Popen(cmd, env=env)
+    try:  # exits (code 3) at start-up under the strict policy when CUDA is not really available
+        server = launch(["--model-repository", str(work / "repo")], port=args.port, env=env, timeout=300)
+    except LaunchError as exc:
+        raise SystemExit(str(exc)) from None
     try:
-        wait_ready(args.port, proc)
         conn = http.client.HTTPConnection("127.0.0.1", args.port)
         conn.request("GET", "/v2/models/resnet")
         meta = json.loads(conn.getresponse().read())
@@ -100,8 +84,7 @@ def main() -> None:
             if i >= 20:
                 service.append(time.perf_counter() - start)
     finally:
-        proc.terminate()
-        proc.wait(60)
+        server.stop(timeout=60)
 
     options = ort.SessionOptions()
     folded = convert(path).model.SerializeToString()

@@ -1,4 +1,4 @@
-"""Load test (issue 7): many requests at high concurrency on the default model; every answer must be 200.
+"""Load test: many requests at high concurrency on the default model; every answer must be 200.
 
 What runs:
 
@@ -26,14 +26,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.metadata
 import json
 import os
-import re
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -45,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import environment
+from benchmarks._harness import COUNTING_LUA, package_versions, parse_cpus, rss_mb, run_wrk, start_server, wrk_version
 from benchmarks.environment import emit
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -54,83 +50,8 @@ BODY = ROOT / "examples" / "requests" / "digit.json"
 MODEL = "digits"
 RSS_GROWTH_LIMIT_MB = 10.0
 
-LUA = r"""
--- POST one fixed body; count every status; stop after LIMIT answers.  args: BODY_FILE LIMIT
-local threads = {}
-
-function setup(thread)
-  table.insert(threads, thread)
-end
-
-function init(args)
-  local f = assert(io.open(args[1], "rb"))
-  wrk.body = f:read("*a")
-  f:close()
-  wrk.method = "POST"
-  wrk.headers["Content-Type"] = "application/json"
-  limit = tonumber(args[2])
-  answered = 0
-  codes = {}
-end
-
-function response(status, headers, body)
-  answered = answered + 1
-  codes[status] = (codes[status] or 0) + 1
-  if answered == limit then
-    io.write("LIMIT_REACHED\n")
-    io.stdout:flush()
-    wrk.thread:stop()
-  end
-end
-
-function done(summary, latency, requests)
-  local merged = {}
-  local total = 0
-  for _, t in ipairs(threads) do
-    total = total + t:get("answered")
-    for status, n in pairs(t:get("codes")) do
-      merged[status] = (merged[status] or 0) + n
-    end
-  end
-  local parts = {}
-  for status, n in pairs(merged) do
-    table.insert(parts, string.format('"%d": %d', status, n))
-  end
-  local e = summary.errors
-  io.write(string.format(
-    'LOAD_JSON {"answered": %d, "requests": %d, "duration_us": %d, "bytes": %d, "statuses": {%s}, ' ..
-    '"errors": {"connect": %d, "read": %d, "write": %d, "status": %d, "timeout": %d}, ' ..
-    '"p50_us": %d, "p90_us": %d, "p99_us": %d, "p999_us": %d, "mean_us": %.1f, "min_us": %d, "max_us": %d}\n',
-    total, summary.requests, summary.duration, summary.bytes, table.concat(parts, ", "),
-    e.connect, e.read, e.write, e.status, e.timeout,
-    latency:percentile(50), latency:percentile(90), latency:percentile(99), latency:percentile(99.9),
-    latency.mean, latency.min, latency.max))
-end
-"""
-
 
 # ------------------------------------------------------------------------------------------------ helpers
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def pinned(cmd: list[str], cpus: str | None) -> list[str]:
-    """``cmd`` run on ``cpus`` only (taskset execs it: the pid stays the command's)."""
-    return ["taskset", "-c", cpus, *cmd] if cpus else cmd
-
-
-def rss_mb(pid: int) -> float:
-    """Resident set size of ``pid`` in MB (10^6 bytes), from /proc/<pid>/status."""
-    text = Path(f"/proc/{pid}/status").read_text()
-    match = re.search(r"^VmRSS:\s+(\d+)\s+kB", text, re.M)
-    if match is None:
-        raise RuntimeError(f"no VmRSS for pid {pid}")
-    return int(match.group(1)) * 1024 / 1e6
-
-
 def http(method: str, url: str, body: bytes | None = None) -> tuple[int, bytes]:
     req = urllib.request.Request(url, data=body, method=method, headers={"Content-Type": "application/json"})
     try:
@@ -139,48 +60,6 @@ def http(method: str, url: str, body: bytes | None = None) -> tuple[int, bytes]:
             return status, r.read()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read()
-
-
-def tail(path: Path, lines: int = 30) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return ""
-
-
-class ServerProcess:
-    def __init__(self, tmp: Path, cpus: str | None) -> None:
-        self.port = free_port()
-        self.log = tmp / "server.log"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("BNFOLD_")}  # default settings
-        cmd = [sys.executable, "-m", "service", "serve", "--port", str(self.port)]
-        with self.log.open("wb") as f:
-            self.proc = subprocess.Popen(
-                pinned(cmd, cpus), cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True
-            )
-        self.url = f"http://127.0.0.1:{self.port}"
-
-    def wait_ready(self, timeout: float = 120) -> float:
-        start = time.monotonic()
-        while time.monotonic() - start < timeout:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{tail(self.log)}")
-            with contextlib.suppress(OSError):
-                if http("GET", self.url + "/v2/health/ready")[0] == 200:
-                    return time.monotonic() - start
-            time.sleep(0.2)
-        raise RuntimeError(f"server not ready in {timeout:.0f} s:\n{tail(self.log)}")
-
-    def stop(self, timeout: float = 60) -> int | None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(10)
-            return None  # did not exit by itself
 
 
 class RssSampler(threading.Thread):
@@ -201,31 +80,17 @@ class RssSampler(threading.Thread):
         self.join()
 
 
-def wrk(url: str, script: Path, body: Path, count: int, connections: int, cpus: str | None) -> dict[str, Any]:
+def wrk(url: str, script: Path, body: Path, count: int, connections: int, cpus: set[int] | None) -> dict[str, Any]:
     """``count`` answers through wrk (1 thread, ``connections`` keep-alive connections).
 
     wrk runs for a duration, not a count: the script stops its thread at ``count`` answers and says so on
-    stdout, and this sends wrk SIGINT then, so that wrk's summary (and its duration) ends there.
+    stdout, and the harness sends wrk SIGINT then, so that wrk's summary (and its duration) ends there.
     """
     budget = max(60, int(count / 20) + 60)  # -d is only a safety net (20 req/s would be very slow)
-    cmd = ["wrk", "-t1", f"-c{connections}", f"-d{budget}s", "--timeout", "30s", "--latency", "-s", str(script)]
-    cmd += [url, "--", str(body), str(count)]
-    start = time.monotonic()
-    proc = subprocess.Popen(pinned(cmd, cpus), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    assert proc.stdout is not None and proc.stderr is not None
-    lines, reached = [], None
-    for ln in proc.stdout:
-        lines.append(ln)
-        if ln.startswith("LIMIT_REACHED") and reached is None:
-            reached = time.monotonic() - start
-            proc.send_signal(signal.SIGINT)
-    err = proc.stderr.read()
-    code = proc.wait(60)
-    line = next((ln for ln in lines if ln.startswith("LOAD_JSON ")), None)
-    if code != 0 or line is None:
-        raise RuntimeError(f"wrk failed ({code}):\n{''.join(lines)[-2000:]}\n{err[-2000:]}")
-    stats: dict[str, Any] = json.loads(line.removeprefix("LOAD_JSON "))
-    stats["limit_reached_after_s"] = reached
+    stats = run_wrk(
+        script, url, [str(body), str(count)], connections=connections, seconds=budget, cpus=cpus,
+        marker="LOAD_JSON", stop_marker="LIMIT_REACHED", latency=True,
+    )  # fmt: skip
     stats["wall_s"] = stats["duration_us"] / 1e6  # wrk's own clock, from its start to the SIGINT
     stats["rps"] = stats["answered"] / stats["wall_s"] if stats["wall_s"] else 0.0
     stats["non_200"] = sum(n for s, n in stats["statuses"].items() if s != "200")
@@ -243,15 +108,9 @@ def check_answer(url: str, body: bytes) -> str:
     return str(top)
 
 
-def versions() -> dict[str, str]:
-    out = {}
-    for pkg in ("uvicorn", "uvloop", "httptools", "fastapi", "onnxruntime"):
-        try:
-            out[pkg] = importlib.metadata.version(pkg)
-        except importlib.metadata.PackageNotFoundError:
-            out[pkg] = "-"
-    proc = subprocess.run(["wrk", "--version"], check=False, capture_output=True, text=True)
-    out["wrk"] = (proc.stdout or proc.stderr).split(" [")[0].strip()
+def versions() -> dict[str, str | None]:
+    out = package_versions(("uvicorn", "uvloop", "httptools", "fastapi", "onnxruntime"), missing="-")
+    out["wrk"] = (wrk_version() or "").split(" [")[0]
     return out
 
 
@@ -259,32 +118,34 @@ def versions() -> dict[str, str]:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     server_cpus = None if args.no_pin else args.server_cpus
     client_cpus = None if args.no_pin else args.client_cpus
+    server_set = parse_cpus(server_cpus) if server_cpus else None
+    client_set = parse_cpus(client_cpus) if client_cpus else None
     body = BODY.read_bytes()
     host = {**environment.host(), **environment.git_state("service")}  # load average before the run
     with tempfile.TemporaryDirectory(prefix="bnfold-load-") as tmpdir:
         tmp = Path(tmpdir)
         script = tmp / "load.lua"
-        script.write_text(LUA)
-        server = ServerProcess(tmp, server_cpus)
+        script.write_text(COUNTING_LUA)
+        server = start_server(tmp, "server", cpus=server_set)
         exit_code: int | None = None
         try:
-            ready_s = server.wait_ready()
+            ready_s = server.wait_ready(timeout=120)
             top = check_answer(server.url, body)
             url = f"{server.url}/v2/models/{MODEL}/infer"
             rss_start = rss_mb(server.proc.pid)
-            warm = wrk(url, script, BODY, args.warmup, args.concurrency, client_cpus) if args.warmup else None
+            warm = wrk(url, script, BODY, args.warmup, args.concurrency, client_set) if args.warmup else None
             rss_before = rss_mb(server.proc.pid)
             sampler = RssSampler(server.proc.pid)
             sampler.start()
             try:
-                stats = wrk(url, script, BODY, args.requests, args.concurrency, client_cpus)
+                stats = wrk(url, script, BODY, args.requests, args.concurrency, client_set)
             finally:
                 sampler.stop()
             rss_after = rss_mb(server.proc.pid)
             check_answer(server.url, body)  # still right after the load
         finally:
-            exit_code = server.stop()
-            log = tail(server.log, 200)
+            exit_code = server.stop(timeout=60)
+            log = server.tail(200)
     peak = max([rss_after, *(mb for _, mb in sampler.samples)])
     growth = rss_after - rss_before
     targets = [

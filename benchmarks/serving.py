@@ -1,4 +1,4 @@
-"""Serving benchmark (issue 3): in-process ONNX Runtime vs ``bnfold serve`` vs MLServer, one machine, one model.
+"""Serving benchmark: in-process ONNX Runtime vs ``bnfold serve`` vs MLServer, one machine, one model.
 
 Two models built in code, each with BatchNorm (bnfold folds it on load; MLServer gets the already-folded file,
 so both serve the same graph):
@@ -35,8 +35,8 @@ alike): its default (0) counts the machine's cores, ignores the affinity, and pi
     .venv/bin/python -m benchmarks.serving --skip-mlserver  # without the MLServer comparison
 
 Needs ``wrk`` on PATH (Debian: ``apt-get install wrk``) and, unless ``--skip-mlserver``, an MLServer
-virtualenv (``--mlserver-python``, default ``$BNFOLD_MLSERVER_PYTHON`` or ``/work/mlserver-venv/bin/python``):
-``python3 -m venv /work/mlserver-venv && /work/mlserver-venv/bin/pip install mlserver onnxruntime httptools``.
+virtualenv (``--mlserver-python``, default ``$BNFOLD_MLSERVER_PYTHON``): ``python3 -m venv VENV &&
+VENV/bin/pip install mlserver onnxruntime httptools``, then ``--mlserver-python VENV/bin/python``.
 """
 
 from __future__ import annotations
@@ -44,32 +44,42 @@ from __future__ import annotations
 import argparse
 import contextlib
 import http.client
-import importlib.metadata
 import json
+import multiprocessing
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from benchmarks._harness import (
+    FIXED_BODY_LUA,
+    clean_env,
+    cpu_seconds,
+    model_ready_paths,
+    package_versions,
+    parse_cpus,
+    run_wrk,
+    start_server,
+    wrk_version,
+)
 from benchmarks.environment import emit, git_state, host
+from service.launcher import ServerProcess, free_port, status
 
 ROOT = Path(__file__).resolve().parent.parent
 HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE / "results" / "serving.json"
-DEFAULT_MLSERVER_PYTHON = os.environ.get("BNFOLD_MLSERVER_PYTHON", "/work/mlserver-venv/bin/python")
+DEFAULT_MLSERVER_PYTHON = os.environ.get("BNFOLD_MLSERVER_PYTHON")
 CONCURRENCY = (1, 8, 32)
 INTRA_OP_NOTE = (
     "ORT's default (0) sizes the intra-op pool by the machine's cores, not by the process's CPU affinity, and "
@@ -82,31 +92,6 @@ TARGET_RATIO_CONCURRENCY = 8
 #: bnfold's session options (service/runtime.py with default settings): what the MLServer runtime gets too;
 #: ``intra_op_num_threads`` is set per run (``--intra-op-threads``).
 SESSION_OPTIONS = {"graph_optimization_level": "all", "intra_op_num_threads": 0, "inter_op_num_threads": 1}
-
-LUA = r"""
--- POST one fixed body read from a file; args: BODY_FILE HEADER_LENGTH|- CONTENT_TYPE
-function init(args)
-  local f = assert(io.open(args[1], "rb"))
-  wrk.body = f:read("*a")
-  f:close()
-  wrk.method = "POST"
-  wrk.headers["Content-Type"] = args[3]
-  if args[2] ~= "-" then
-    wrk.headers["Inference-Header-Content-Length"] = args[2]
-  end
-end
-
-function done(summary, latency, requests)
-  local e = summary.errors
-  io.write(string.format(
-    'BENCH_JSON {"requests": %d, "duration_us": %d, "bytes": %d, "connect": %d, "read": %d, "write": %d, ' ..
-    '"status": %d, "timeout": %d, "p50_us": %d, "p90_us": %d, "p99_us": %d, "p999_us": %d, "mean_us": %.1f, ' ..
-    '"min_us": %d, "max_us": %d}\n',
-    summary.requests, summary.duration, summary.bytes, e.connect, e.read, e.write, e.status, e.timeout,
-    latency:percentile(50), latency:percentile(90), latency:percentile(99), latency:percentile(99.9),
-    latency.mean, latency.min, latency.max))
-end
-"""
 
 
 # ------------------------------------------------------------------------------------------------ models
@@ -240,103 +225,14 @@ def prepare_models(tmp: Path, image_model: str) -> list[Bench]:
     return benches
 
 
-# ------------------------------------------------------------------------------------------------ pinning
-def parse_cpus(text: str) -> set[int]:
-    return {int(c) for c in text.split(",") if c.strip()}
-
-
-def pinned(cmd: list[str], cpus: set[int] | None) -> list[str]:
-    """``cmd`` run on ``cpus`` only (taskset execs it: the pid stays the command's)."""
-    if not cpus:
-        return cmd
-    return ["taskset", "-c", ",".join(str(c) for c in sorted(cpus)), *cmd]
-
-
 # ------------------------------------------------------------------------------------------------ servers
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+def infer_url(server: ServerProcess, model: str) -> str:
+    return f"{server.url}/v2/models/{model}/infer"
 
 
-@dataclass
-class Server:
-    name: str
-    port: int
-    proc: subprocess.Popen[bytes]
-    log: Path
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def infer_url(self, model: str) -> str:
-        return f"{self.url}/v2/models/{model}/infer"
-
-    def wait_ready(self, models: Sequence[str], timeout: float) -> float:
-        start = time.monotonic()
-        paths = ["/v2/health/ready", *(f"/v2/models/{m}/ready" for m in models)]
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{tail(self.log)}")
-            try:
-                if all(http_get(self.url + p) == 200 for p in paths):
-                    return time.monotonic() - start
-            except OSError:
-                pass
-            if time.monotonic() - start > timeout:
-                raise RuntimeError(f"{self.name} not ready after {timeout:.0f} s:\n{tail(self.log)}")
-            time.sleep(0.2)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGTERM)  # its own session: the server and its workers
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
-
-
-def tail(path: Path, lines: int = 30) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return ""
-
-
-def http_get(url: str) -> int:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as r:
-            status: int = r.status
-            return status
-    except urllib.error.HTTPError as exc:
-        return exc.code
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("BNFOLD_", "MLSERVER_"))}
-    env.update(extra)
-    return env
-
-
-def start_bnfold(tmp: Path, cpus: set[int] | None, intra_op_threads: int) -> Server:
-    port = free_port()
-    log = tmp / "bnfold.log"
-    cmd = [sys.executable, "-m", "service", "serve", "--model-repository", str(tmp / "bnfold"), "--port", str(port)]
-    with log.open("wb") as f:
-        proc = subprocess.Popen(
-            pinned(cmd, cpus),
-            cwd=ROOT,
-            env=clean_env(**({"BNFOLD_INTRA_OP_THREADS": str(intra_op_threads)} if intra_op_threads else {})),
-            stdout=f,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    return Server("bnfold", port, proc, log)
+def start_bnfold(tmp: Path, cpus: set[int] | None, intra_op_threads: int) -> ServerProcess:
+    env = clean_env(**({"BNFOLD_INTRA_OP_THREADS": str(intra_op_threads)} if intra_op_threads else {}))
+    return start_server(tmp, "bnfold", ["--model-repository", str(tmp / "bnfold")], cpus=cpus, env=env)
 
 
 def mlserver_config(
@@ -367,20 +263,13 @@ def mlserver_config(
     return port, settings
 
 
-def start_mlserver(tmp: Path, python: str, port: int, cpus: set[int] | None) -> Server:
+def start_mlserver(tmp: Path, python: str, port: int, cpus: set[int] | None) -> ServerProcess:
     root = tmp / "mlserver"
-    log = tmp / "mlserver.log"
     mlserver = str(Path(python).parent / "mlserver")
-    with log.open("wb") as f:
-        proc = subprocess.Popen(
-            pinned([mlserver, "start", str(root)], cpus),
-            cwd=root,
-            env=clean_env(PYTHONPATH=str(root)),
-            stdout=f,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    return Server("mlserver", port, proc, log)
+    return start_server(
+        tmp, "mlserver", [str(root)], command=[mlserver, "start"], port=port, cpus=cpus,
+        env=clean_env(PYTHONPATH=str(root)), cwd=root,
+    )  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------ checks
@@ -413,11 +302,11 @@ def decode_output(headers: dict[str, str], body: bytes, name: str) -> np.ndarray
     raise KeyError(name)
 
 
-def check(server: Server, bench: Bench, encoding: str) -> float:
+def check(server: ServerProcess, bench: Bench, encoding: str) -> float:
     """One request before the load: the answer must match the in-process output."""
     body_path = bench.json_body if encoding == "json" else bench.binary_body
     header_length = None if encoding == "json" else bench.binary_header_length
-    status, headers, body = post(server.infer_url(bench.name), body_path.read_bytes(), header_length)
+    status, headers, body = post(infer_url(server, bench.name), body_path.read_bytes(), header_length)
     if status != 200:
         raise RuntimeError(f"{server.name}/{bench.name}/{encoding}: HTTP {status}: {body[:300]!r}")
     got = decode_output(headers, body, bench.output_name)
@@ -429,7 +318,7 @@ def check(server: Server, bench: Bench, encoding: str) -> float:
 
 
 # ------------------------------------------------------------------------------------------------ wrk
-def run_wrk(
+def wrk_cell(
     lua: Path,
     url: str,
     bench: Bench,
@@ -444,15 +333,9 @@ def run_wrk(
         args = [str(bench.json_body), "-", "application/json"]
     else:
         args = [str(bench.binary_body), str(bench.binary_header_length), "application/octet-stream"]
-    cmd = ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--timeout", "30s", "-s", str(lua)]
-    cmd += [url, "--", *args]
     cpu_before = cpu_seconds(server_pid)
-    proc = subprocess.run(pinned(cmd, cpus), check=False, capture_output=True, text=True, timeout=seconds + 120)
+    r = run_wrk(lua, url, args, connections=connections, seconds=seconds, cpus=cpus, marker="BENCH_JSON")
     cpu_after = cpu_seconds(server_pid)
-    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("BENCH_JSON ")), None)
-    if proc.returncode != 0 or line is None:
-        raise RuntimeError(f"wrk failed ({proc.returncode}): {proc.stdout[-500:]} {proc.stderr[-500:]}")
-    r: dict[str, Any] = json.loads(line.removeprefix("BENCH_JSON "))
     r["errors"] = sum(r[k] for k in ("connect", "read", "write", "status", "timeout"))
     r["rps"] = r["requests"] / (r["duration_us"] / 1e6)
     if cpu_before is not None and cpu_after is not None and r["requests"]:
@@ -460,25 +343,18 @@ def run_wrk(
     return r
 
 
-def cpu_seconds(pid: int | None) -> float | None:
-    """User + system CPU seconds of a process, all its threads (Linux /proc); None elsewhere."""
-    if pid is None:
-        return None
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    except OSError:
-        return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 # ------------------------------------------------------------------------------------------------ baseline
-def baseline_worker(spec_path: Path) -> int:
-    """Child process (pinned like the server): session.run and the service's request path, no HTTP."""
+def baseline_worker(spec: dict[str, Any], cpus: set[int] | None) -> dict[str, Any]:
+    """In a fresh child process pinned like the server, on default settings: ``session.run`` and the service's
+    request path, no HTTP."""
+    if cpus:
+        os.sched_setaffinity(0, cpus)  # before ONNX Runtime builds its thread pool
+    for key in [k for k in os.environ if k.startswith(("BNFOLD_", "MLSERVER_"))]:
+        del os.environ[key]
     from service import memory
     from service.runtime import ModelConfig, load_model
     from service.settings import Settings
 
-    spec = json.loads(spec_path.read_text())
     settings = Settings(model_repository=Path(spec["repository"]), intra_op_threads=spec["intra_op_threads"])
     if settings.reuse_large_buffers:  # as the server's start-up does
         memory.reuse_large_buffers()
@@ -505,8 +381,7 @@ def baseline_worker(spec_path: Path) -> int:
         results["models"][m["name"]] = samples
     results["threads"] = len(os.listdir("/proc/self/task")) if os.path.isdir("/proc/self/task") else None
     results["affinity"] = sorted(os.sched_getaffinity(0))
-    sys.stdout.write(json.dumps(results))
-    return 0
+    return results
 
 
 def in_process_calls(
@@ -551,50 +426,20 @@ def run_baseline(
                 "binary_header_length": b.binary_header_length,
             }
         )
-    spec = tmp / "baseline.json"
-    spec.write_text(
-        json.dumps(
-            {
-                "repository": str(tmp / "bnfold"),
-                "models": models,
-                "seconds": seconds,
-                "intra_op_threads": intra_op_threads,
-            }
-        )
-    )
-    proc = subprocess.run(
-        pinned([sys.executable, "-m", "benchmarks.serving", "--baseline-worker", str(spec)], cpus),
-        check=False,
-        cwd=ROOT,
-        env=clean_env(),
-        capture_output=True,
-        text=True,
-        timeout=seconds * len(benches) + 300,
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(f"baseline worker failed: {proc.stderr[-2000:]}")
-    result: dict[str, Any] = json.loads(proc.stdout)
-    return result
+    spec = {
+        "repository": str(tmp / "bnfold"),
+        "models": models,
+        "seconds": seconds,
+        "intra_op_threads": intra_op_threads,
+    }
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(baseline_worker, spec, cpus).result(timeout=seconds * len(benches) + 300)
 
 
 # ------------------------------------------------------------------------------------------------ versions
 def versions(mlserver_python: str | None) -> dict[str, Any]:
-    def dist(names: Sequence[str]) -> dict[str, str | None]:
-        out: dict[str, str | None] = {}
-        for n in names:
-            try:
-                out[n] = importlib.metadata.version(n)
-            except importlib.metadata.PackageNotFoundError:
-                out[n] = None
-        return out
-
     stack = ["onnxruntime", "uvicorn", "uvloop", "httptools", "fastapi", "starlette", "orjson", "numpy", "onnx"]
-    v: dict[str, Any] = {"bnfold_venv": dist(stack)}
-    try:
-        wrk = subprocess.run(["wrk", "-v"], check=False, capture_output=True, text=True, timeout=10)
-        v["wrk"] = (wrk.stdout + wrk.stderr).splitlines()[0].split(" Copyright")[0].strip()
-    except (OSError, IndexError, subprocess.TimeoutExpired):
-        v["wrk"] = None
+    v: dict[str, Any] = {"bnfold_venv": package_versions(stack), "wrk": wrk_version()}
     if mlserver_python:
         code = (
             "import importlib.metadata as m, json, sys\n"
@@ -641,6 +486,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     mlserver_python = None if args.skip_mlserver else args.mlserver_python
     if shutil.which("wrk") is None:
         raise SystemExit("wrk not found on PATH (Debian: apt-get install wrk)")
+    if not args.skip_mlserver and not mlserver_python:
+        raise SystemExit("no MLServer virtualenv: give --mlserver-python VENV/bin/python, or --skip-mlserver")
     if mlserver_python and not (Path(mlserver_python).parent / "mlserver").exists():
         raise SystemExit(f"no mlserver next to {mlserver_python}; use --mlserver-python or --skip-mlserver")
     if client_cpus:
@@ -655,17 +502,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="bnfold-serving-") as tmp_name:
         tmp = Path(tmp_name)
         lua = tmp / "post.lua"
-        lua.write_text(LUA)
+        lua.write_text(FIXED_BODY_LUA)
         log(f"building models in {tmp}")
         benches = prepare_models(tmp, args.image_model)
-        servers: dict[str, Server] = {}
+        servers: dict[str, ServerProcess] = {}
         try:
             servers["bnfold"] = start_bnfold(tmp, server_cpus, threads)
             mlserver_settings = None
             if mlserver_python:
                 port, mlserver_settings = mlserver_config(tmp, benches, args.mlserver_workers, session_options)
                 servers["mlserver"] = start_mlserver(tmp, mlserver_python, port, server_cpus)
-            ready = {name: s.wait_ready([b.name for b in benches], 300) for name, s in servers.items()}
+            paths = model_ready_paths([b.name for b in benches])
+            ready = {name: s.wait_ready(paths, 300) for name, s in servers.items()}
             log("servers ready: " + ", ".join(f"{k} {v:.1f} s" for k, v in ready.items()))
             checks = {}
             for b in benches:
@@ -677,9 +525,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for group in groups:  # warm-up: a short load on every (server, model, encoding)
                 for cell in group:
                     if cell.connections == max(args.concurrency):
-                        run_wrk(
+                        wrk_cell(
                             lua,
-                            servers[cell.server].infer_url(cell.model),
+                            infer_url(servers[cell.server], cell.model),
                             by_name[cell.model],
                             cell.encoding,
                             cell.connections,
@@ -694,9 +542,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 for group in groups:
                     k = r % len(group)
                     for cell in group[k:] + group[:k]:
-                        w = run_wrk(
+                        w = wrk_cell(
                             lua,
-                            servers[cell.server].infer_url(cell.model),
+                            infer_url(servers[cell.server], cell.model),
                             by_name[cell.model],
                             cell.encoding,
                             cell.connections,
@@ -710,7 +558,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                             server = servers[cell.server]
                             raise RuntimeError(
                                 f"{key}: no successful answer in {args.duration:g} s (server alive: "
-                                f"{server.proc.poll() is None}; was it sent a signal?):\n{tail(server.log, 8)}"
+                                f"{server.proc.poll() is None}; was it sent a signal?):\n{server.tail(8)}"
                             )
                         err = f", {w['errors']} errors" if w["errors"] else ""
                         if "server_cpu_us_per_request" in w:
@@ -720,8 +568,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                             f"p99 {w['p99_us'] / 1000:.3f} ms{err}"
                         )
                 for name, s in servers.items():
-                    if s.proc.poll() is not None or http_get(s.url + "/v2/health/ready") != 200:
-                        raise RuntimeError(f"{name} died or stopped being ready during the run:\n{tail(s.log)}")
+                    if s.proc.poll() is not None or status(s.host, s.port, "/v2/health/ready") != 200:
+                        raise RuntimeError(f"{name} died or stopped being ready during the run:\n{s.tail()}")
                 rounds.append({"baseline": base, "wrk": cells, "loadavg_after": list(os.getloadavg())})
         finally:
             for s in servers.values():
@@ -963,10 +811,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--client-cpus", default="1", help="CPUs for wrk and this script (default 1)")
     p.add_argument("--no-pin", action="store_true", help="no CPU pinning")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON output (default {DEFAULT_OUT})")
-    p.add_argument("--baseline-worker", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.baseline_worker:
-        return baseline_worker(args.baseline_worker)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the servers on the way out
     quick = args.quick
     args.duration = args.duration or (2.0 if quick else 4.0)

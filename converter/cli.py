@@ -4,16 +4,22 @@ The input is an ONNX file, or a PyTorch file (TorchScript from ``torch.jit.save`
 ``torch.export.save``; recognised by content) that is exported to ONNX first and also verified against PyTorch.
 
 Exit codes: 0 success; 2 bad input or options, or a model that cannot be converted as asked; 3 verification
-failed (nothing written); 1 an internal error (a bug: please report it with the traceback).
+failed (nothing written); 1 an internal error (a bug: please report it with the traceback); 130 interrupted by
+SIGINT (Ctrl-C) and 143 by SIGTERM, the staged output removed either way (128 + the signal number, as a shell
+reports a process the signal ended).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from types import FrameType
 
 from converter import torch_export
 from converter.errors import ConversionError, InputError, VerificationError
@@ -126,7 +132,37 @@ def _options(args: argparse.Namespace, verify: bool) -> Options:
     )
 
 
+class Terminated(BaseException):
+    """SIGTERM arrived. Unwinds like KeyboardInterrupt (no ``except Exception`` stops it), so every staged output
+    is removed on the way out."""
+
+
+@contextlib.contextmanager
+def sigterm_unwinds() -> Iterator[None]:
+    """While converting, SIGTERM (``timeout``, a CI cancel, ``kill``) raises :class:`Terminated` as Ctrl-C raises
+    KeyboardInterrupt; a second SIGTERM during the clean-up is ignored. Python delivers the signal once a running
+    ONNX Runtime or protobuf call returns. (Only the main thread can set a handler: elsewhere this does nothing.)"""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _run_convert(args: argparse.Namespace) -> int:
+    with sigterm_unwinds():
+        return _convert(args)
+
+
+def _convert(args: argparse.Namespace) -> int:
     if args.output is None and not args.in_place:
         raise InputError("give an output file with -o OUT, or --in-place to overwrite the input")
     options = _options(args, verify=not args.no_verify)
@@ -166,6 +202,9 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         sys.stderr.write(f"{PROG}: interrupted\n")
         return 130
+    except Terminated:
+        sys.stderr.write(f"{PROG}: terminated\n")
+        return 128 + signal.SIGTERM
 
 
 def configure_logging(verbose: bool = False) -> None:

@@ -1,4 +1,4 @@
-"""BatchNorm exactly as the seed article defines it, in numpy: the oracle for every test.
+"""BatchNorm from its definition, in numpy: the oracle for every test. A public module of bnfold.
 
 Train mode, per channel c (axis 1 of an ``(N, C, ...)`` tensor), over the batch and spatial axes::
 
@@ -12,7 +12,9 @@ Test mode uses the running statistics instead of the batch ones. As one affine m
     s = γ / sqrt(var + ε),   y = s·x + (β − μ·s)
 
 Nothing here is used by the conversion itself: it is the independent statement of what a conversion must
-preserve, and the layer the bundled digits model was trained with.
+preserve, and the layer the bundled digits model was trained with (``examples/digits``). Public and kept
+stable (``from converter import reference``) so that users can check a fold, or train a small network, against
+the same definition; it is not re-exported from ``converter`` itself, whose surface is the conversion.
 """
 
 from __future__ import annotations

@@ -3,6 +3,10 @@
 Weights are He-initialised and every BatchNorm carries trained-looking statistics (γ around 1, small β,
 non-trivial running mean and variance), so a model's outputs stay in a sensible range at any depth and a
 wrong fold shows up as a large error rather than hiding in a degenerate network.
+
+A public module of bnfold (``from converter import zoo``), kept stable: the tests, the benchmarks and the
+examples build their networks here, and users can do the same to try a fold or a server without a download.
+It is not re-exported from ``converter`` itself, whose surface is the conversion.
 """
 
 from __future__ import annotations

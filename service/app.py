@@ -24,7 +24,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service import __version__, memory
+from service import __version__, memory, serverinfo, webui
 from service.errors import ServiceError, Unauthorized
 from service.inference import InferenceMiddleware
 from service.metrics import Metrics
@@ -82,6 +82,9 @@ class Service:
         gc.collect()
         gc.freeze()
         self.started = True
+        loop, parser = serverinfo.event_loop(), serverinfo.http_parser()
+        self.metrics.server_info.labels(loop, parser).set(1)
+        log.info("event loop %s, HTTP parser %s", loop, parser)
         log.info("ready: %d model version(s) serving", self.repository.ready_count())
 
     async def poll(self) -> None:
@@ -151,6 +154,7 @@ def create_app(settings: Settings | None = None) -> InferenceMiddleware:
     )
     app.state.service = Service(settings)
     app.include_router(router)
+    webui.mount(app, settings)  # `/` and /ui/*: the web page (BNFOLD_UI)
 
     @app.exception_handler(ServiceError)
     async def _service_error(request: Request, exc: ServiceError) -> Response:

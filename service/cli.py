@@ -58,7 +58,16 @@ def _run_serve(args: argparse.Namespace) -> int:
     # imported here: convert/inspect start faster and lighter without the web stack and pydantic
     from pydantic import ValidationError  # noqa: PLC0415
 
-    from service.settings import Settings  # noqa: PLC0415
+    from service.logging_setup import json_from_the_start  # noqa: PLC0415
+    from service.settings import Settings, unknown_variables  # noqa: PLC0415
+
+    json_from_the_start()  # the warnings below already in the log format asked for
+    try:
+        for name in unknown_variables():
+            log.warning("%s names no bnfold setting; ignored", name)
+    except ValueError as exc:
+        sys.stderr.write(f"bnfold: error: {exc}\n")
+        return 2
 
     overrides: dict[str, Any] = {
         "model": args.model,
@@ -118,6 +127,9 @@ def serve(settings: Settings, overrides: dict[str, Any] | None = None) -> int:
         "server_header": False,
         "date_header": False,
         "timeout_graceful_shutdown": settings.graceful_shutdown_seconds,
+        # uvloop and httptools when installed (dependencies where wheels exist); service.serverinfo reports which
+        "loop": "auto",
+        "http": "auto",
     }
     if settings.workers > 1:
         # worker processes build their own app from the environment: pass the flags on through it

@@ -20,7 +20,7 @@ import numpy as np
 import orjson
 from numpy.typing import NDArray
 
-from service import fastjson
+from service import fastjson, fields
 from service.errors import BadRequest
 
 Array = NDArray[Any]
@@ -97,18 +97,25 @@ class OutputTensor:
 
 
 # ------------------------------------------------------------------------------------------------ decode
-def element_count(name: str, shape: object, limit: int) -> tuple[tuple[int, ...], int]:
-    """Validate a declared shape; refuse element counts above ``limit`` before anything is allocated."""
-    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
-        raise BadRequest(f"input '{name}': shape must be a list of integers")
-    if any(d < 0 for d in shape):
-        raise BadRequest(f"input '{name}': shape {shape} has a negative dimension")
-    if len(shape) > MAX_RANK or any(d > limit for d in shape):  # an empty tensor can still have absurd dims
-        raise BadRequest(f"input '{name}': shape {shape[:MAX_RANK]} is beyond the limits")
-    count = math.prod(shape)
+def element_count(name: str, shape: object, limit: int, where: str | None = None) -> tuple[tuple[int, ...], int]:
+    """Validate a declared shape; refuse element counts above ``limit`` before anything is allocated.
+
+    ``where`` names the field in error messages (default: ``input '<name>' shape``).
+    """
+    where = where or f"input '{name}' shape"
+    dims = fields.array(shape, where)
+    if len(dims) > MAX_RANK:
+        raise BadRequest(f"input '{name}': shape of rank {len(dims)} is beyond the limit of {MAX_RANK}")
+    for i, d in enumerate(dims):
+        fields.integer(d, fields.at(where, i))
+    if any(d < 0 for d in dims):
+        raise BadRequest(f"input '{name}': shape {dims} has a negative dimension")
+    if any(d > limit for d in dims):  # an empty tensor can still have absurd dims
+        raise BadRequest(f"input '{name}': shape {dims} is beyond the limits")
+    count = math.prod(dims)
     if count > limit:
-        raise BadRequest(f"input '{name}': shape {shape} has {count} elements, above the limit of {limit}")
-    return tuple(shape), count
+        raise BadRequest(f"input '{name}': shape {dims} has {count} elements, above the limit of {limit}")
+    return tuple(dims), count
 
 
 def decode_json_data(name: str, datatype: str, shape: tuple[int, ...], count: int, data: object) -> Array:
@@ -129,7 +136,7 @@ def decode_json_data(name: str, datatype: str, shape: tuple[int, ...], count: in
         arr = np.array(data)
         if dtype.kind in "iu" and arr.dtype.kind not in "iub":
             arr = _exact_integers(name, datatype, data)  # e.g. UINT64 beyond int64 next to small values
-    except (ValueError, OverflowError):
+    except (ValueError, OverflowError, TypeError):
         raise BadRequest(f"input '{name}': data is ragged or not all numbers") from None
     if arr.dtype == object or arr.dtype.kind in "USV":
         raise BadRequest(f"input '{name}': data is ragged or not all {datatype} values")
@@ -237,39 +244,29 @@ def parse_request(body: bytes, header_length: int | None, max_elements: int) -> 
         except orjson.JSONDecodeError as exc:
             raise BadRequest(f"request header is not valid JSON: {exc}") from None
     if not isinstance(obj, dict):
-        raise BadRequest("request must be a JSON object")
-    params = _dict(obj.get("parameters"), "parameters")
+        raise BadRequest(f"request must be a JSON object, got {fields.kind(obj)}")
+    params = fields.optional_obj(obj, "parameters")
     request = InferRequest(inputs=[], parameters=params)
-    rid = obj.get("id")
-    if rid is not None and not isinstance(rid, str):
-        raise BadRequest("id must be a string")
-    request.id = rid
-    request.binary_output = _bool(params.get("binary_data_output", False), "binary_data_output")
-    timeout = params.get("timeout")
-    if timeout is not None:
-        if not isinstance(timeout, int) or isinstance(timeout, bool) or timeout < 0:
-            raise BadRequest("parameters.timeout must be a non-negative integer (microseconds)")
-        request.timeout_us = timeout
-    inputs = obj.get("inputs")
-    if not isinstance(inputs, list) or not inputs:
+    request.id = fields.optional_string(obj, "id")
+    request.binary_output = fields.optional_bool(params, "binary_data_output", "parameters", False)
+    request.timeout_us = fields.optional_natural(params, "timeout", "parameters")
+    inputs = fields.array(fields.required(obj, "inputs"), "inputs")
+    if not inputs:
         raise BadRequest("inputs must be a non-empty list")
     offset = 0
-    for spec in inputs:
-        if not isinstance(spec, dict):
-            raise BadRequest("each input must be a JSON object")
-        name = spec.get("name")
-        if not isinstance(name, str):
-            raise BadRequest("each input needs a string name")
-        datatype = spec.get("datatype")
+    for i, item in enumerate(inputs):
+        where = fields.at("inputs", i)
+        spec = fields.obj(item, where)
+        name = fields.string(fields.required(spec, "name", where), fields.at(where, "name"))
+        datatype = fields.string(fields.required(spec, "datatype", where), fields.at(where, "datatype"))
         if datatype not in DATATYPES:
-            raise BadRequest(f"input '{name}': unknown datatype {datatype!r}")
-        shape, count = element_count(name, spec.get("shape"), max_elements)
-        iparams = _dict(spec.get("parameters"), f"input '{name}' parameters")
-        size = iparams.get("binary_data_size")
+            raise BadRequest(f"{where}.datatype: unknown datatype {datatype[:40]!r} (one of {', '.join(DATATYPES)})")
+        shape, count = element_count(name, fields.required(spec, "shape", where), max_elements, f"{where}.shape")
+        iparams = fields.optional_obj(spec, "parameters", where)
+        size = fields.optional_natural(iparams, "binary_data_size", fields.at(where, "parameters"))
+        data = spec.get("data")
         if size is not None:
-            if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-                raise BadRequest(f"input '{name}': binary_data_size must be a non-negative integer")
-            if "data" in spec:
+            if data is not None:
                 raise BadRequest(f"input '{name}': has both data and binary_data_size")
             if offset + size > len(rest):
                 raise BadRequest(
@@ -278,8 +275,8 @@ def parse_request(body: bytes, header_length: int | None, max_elements: int) -> 
                 )
             array = decode_binary_data(name, datatype, shape, count, rest[offset : offset + size])
             offset += size
-        elif "data" in spec:
-            array = decode_json_data(name, datatype, shape, count, spec["data"])
+        elif data is not None:
+            array = decode_json_data(name, datatype, shape, count, data)
         else:
             raise BadRequest(f"input '{name}': no data and no binary_data_size")
         request.inputs.append(InputTensor(name, datatype, shape, array))
@@ -287,36 +284,22 @@ def parse_request(body: bytes, header_length: int | None, max_elements: int) -> 
         raise BadRequest(f"binary data sizes add up to {offset} bytes but {len(rest)} bytes follow the header")
     outputs = obj.get("outputs")
     if outputs is not None:
-        if not isinstance(outputs, list):
-            raise BadRequest("outputs must be a list")
-        request.outputs = [_output_request(o, request.binary_output) for o in outputs]
+        wanted = fields.array(outputs, "outputs")
+        # an empty list selects nothing in particular: every output, as when `outputs` is absent (Triton's reading)
+        if wanted:
+            request.outputs = [
+                _output_request(o, fields.at("outputs", i), request.binary_output) for i, o in enumerate(wanted)
+            ]
     return request
 
 
-def _output_request(spec: object, default_binary: bool) -> OutputRequest:
-    if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
-        raise BadRequest("each requested output must be an object with a string name")
-    name = spec["name"]
-    params = _dict(spec.get("parameters"), f"output '{name}' parameters")
-    binary = _bool(params.get("binary_data", default_binary), f"output '{name}' binary_data")
-    classes = params.get("classification", 0)
-    if not isinstance(classes, int) or isinstance(classes, bool) or classes < 0:
-        raise BadRequest(f"output '{name}': classification must be a non-negative integer")
-    return OutputRequest(name, binary, classes)
-
-
-def _dict(value: object, what: str) -> dict[str, Any]:
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise BadRequest(f"{what} must be a JSON object")
-    return value
-
-
-def _bool(value: object, what: str) -> bool:
-    if not isinstance(value, bool):
-        raise BadRequest(f"{what} must be true or false")
-    return value
+def _output_request(item: object, where: str, default_binary: bool) -> OutputRequest:
+    spec = fields.obj(item, where)
+    name = fields.string(fields.required(spec, "name", where), fields.at(where, "name"))
+    params = fields.optional_obj(spec, "parameters", where)
+    binary = fields.optional_bool(params, "binary_data", fields.at(where, "parameters"), default_binary)
+    classes = fields.optional_natural(params, "classification", fields.at(where, "parameters"))
+    return OutputRequest(name, binary, classes or 0)
 
 
 # ------------------------------------------------------------------------------------------------ encode

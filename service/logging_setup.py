@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import logging
+import logging.config
+import os
 import time
 from typing import Any
 
@@ -46,3 +48,10 @@ def json_log_config(level: str = "info") -> dict[str, Any]:
             "uvicorn.access": {"handlers": [], "level": name, "propagate": True},
         },
     }
+
+
+def json_from_the_start() -> None:
+    """JSON lines already for what is logged before the settings are read (``BNFOLD_LOG_FORMAT`` as set)."""
+    if os.environ.get("BNFOLD_LOG_FORMAT", "").strip().lower() == "json":
+        level = os.environ.get("BNFOLD_LOG_LEVEL", "").strip().lower()
+        logging.config.dictConfig(json_log_config(level if level in ("debug", "info", "warning", "error") else "info"))

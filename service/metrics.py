@@ -61,6 +61,12 @@ class Metrics:
         self.model_ready = Gauge(
             "bnfold_model_ready", "1 when the model version serves", ("model", "version", "provider"), registry=r
         )
+        self.server_info = Gauge(
+            "bnfold_server_info",
+            "1, labelled with the event loop and HTTP parser that serve",
+            ("loop", "http"),
+            registry=r,
+        )
 
         self._bound: dict[tuple[str, str, str], Bound] = {}
 

@@ -11,7 +11,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import onnxruntime as ort
@@ -60,6 +60,14 @@ class ModelConfig(BaseModel):
         None, description="Execution providers for this model (overrides BNFOLD_PROVIDERS)."
     )
     fold_on_load: bool | None = Field(None, description="Overrides BNFOLD_FOLD_ON_LOAD for this model.")
+    # How the web page turns a picture or a drawing into the input tensor: pixels read as 0..1, times scale,
+    # then (x - mean[c]) / std[c]; layout says where the channels are. The service itself never applies them.
+    scale: float | None = Field(None, description="Image inputs: factor for pixel values read as 0..1 (default 1).")
+    mean: list[float] | None = Field(None, description="Image inputs: per-channel mean, subtracted after scale.")
+    std: list[Annotated[float, Field(gt=0)]] | None = Field(
+        None, description="Image inputs: per-channel standard deviation, divided by after the mean."
+    )
+    layout: Literal["NCHW", "NHWC"] | None = Field(None, description="Image inputs: where the channels are.")
 
     @classmethod
     def read(cls, path: Path) -> ModelConfig:
@@ -165,6 +173,7 @@ class LoadedModel:
                 "labels": self.config.labels,
                 "providers": self.providers,
                 "requested_providers": self.requested_providers,
+                "preprocessing": self.config.model_dump(include={"scale", "mean", "std", "layout"}, exclude_none=True),
             },
         }
 

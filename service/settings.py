@@ -1,11 +1,14 @@
 """Every setting of the service, from the environment (prefix ``BNFOLD_``) or the ``bnfold serve`` flags.
 
-The README's settings table is generated from these field descriptions (``tests/service/test_docs.py`` keeps
-it in step), so the description here is the documentation.
+The README's settings table is generated from these field descriptions (``tests/test_readme.py`` keeps it in
+step), so the description here is the documentation.
 """
 
 from __future__ import annotations
 
+import difflib
+import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -91,6 +94,9 @@ class Settings(BaseSettings):
         "`MALLOC_MMAP_THRESHOLD_`/`MALLOC_TRIM_THRESHOLD_` are set.",
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
+    ui: bool = Field(
+        True, description="Serve the web page at `/` (the models at a glance; try them in a browser); `false`: 404."
+    )
     model_name: str | None = Field(
         None,
         pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$",
@@ -119,6 +125,20 @@ class Settings(BaseSettings):
 
     def ort_providers(self) -> list[str]:
         return [PROVIDER_NAMES[p] for p in self.providers]
+
+
+def unknown_variables(environ: Mapping[str, str] | None = None) -> list[str]:
+    """``BNFOLD_*`` variables that name no setting. ValueError for one that is close to a setting's name (a typo,
+    e.g. ``BNFOLD_MAX_QUEU``), naming that setting; the others are returned for the caller to warn about (the
+    same shell may hold variables of the same prefix for other tools, e.g. docker compose's ``BNFOLD_IMAGE``)."""
+    known = {f"BNFOLD_{name.upper()}" for name in Settings.model_fields}
+    unknown = sorted(k for k in (os.environ if environ is None else environ) if k.upper().startswith("BNFOLD_"))
+    unknown = [k for k in unknown if k.upper() not in known]
+    for name in unknown:
+        close = difflib.get_close_matches(name.upper(), known, n=1, cutoff=0.8)
+        if close:
+            raise ValueError(f"unknown setting {name}; did you mean {close[0]}?")
+    return unknown
 
 
 def settings_table() -> str:

@@ -1,1 +1,1 @@
-"""The bundled ``digits`` model: numpy training with the seed's BatchNorm, then ONNX export."""
+"""The bundled ``digits`` model: numpy training with ``converter.reference``'s BatchNorm, then ONNX export."""

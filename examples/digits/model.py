@@ -1,4 +1,4 @@
-"""The digits classifier in numpy: im2col convolutions, the seed's BatchNorm, ReLU and linear layers.
+"""The digits classifier in numpy: im2col convolutions, ``converter.reference``'s BatchNorm, ReLU and linear layers.
 
 Architecture (input ``(N, 1, 8, 8)``, raw pixel values 0..16 as ``sklearn.datasets.load_digits`` gives them)::
 

@@ -18,14 +18,12 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import onnx
@@ -35,6 +33,7 @@ from numpy.typing import NDArray
 from torch import nn
 
 from converter import cli as converter_cli
+from service.launcher import LaunchError, free_port, launch
 
 CLASSES = ("horizontal", "vertical", "cross", "ring")
 SIZE = 16
@@ -141,13 +140,6 @@ def bnfold_command() -> list[str] | None:
     return None
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 def serve_and_query(model: Path, images: NDArray[np.float32], labels: NDArray[np.int64], port: int) -> int:
     """Start ``bnfold serve MODEL`` and send V2 inference requests; 0 when every answer matches ORT's."""
     try:
@@ -161,18 +153,17 @@ def serve_and_query(model: Path, images: NDArray[np.float32], labels: NDArray[np
         return 0
     name = model.stem
     input_name = onnx.load(str(model), load_external_data=False).graph.input[0].name
-    base = f"http://127.0.0.1:{port}"
-    argv = [*command, "serve", str(model), "--host", "127.0.0.1", "--port", str(port)]
+    args = [str(model), "--host", "127.0.0.1", "--port", str(port)]
     print(f"$ bnfold serve {model} --host 127.0.0.1 --port {port}")
-    server = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        if not wait_ready(httpx, base, server):
-            out = server.stdout.read() if server.stdout and server.poll() is not None else ""
-            print(f"the server did not become ready{': ' + out.strip() if out else ''}")
-            return 1
+        server = launch(args, command=[*command, "serve"], port=port, timeout=60)
+    except LaunchError as exc:
+        print(f"the server did not become ready: {exc}")
+        return 1
+    try:
         expected = onnx_predictions(model, images)
         agree = 0
-        with httpx.Client(base_url=base, timeout=30) as client:
+        with httpx.Client(base_url=server.url, timeout=30) as client:
             for image, label, want in zip(images, labels, expected, strict=True):
                 body = {
                     "inputs": [
@@ -193,26 +184,7 @@ def serve_and_query(model: Path, images: NDArray[np.float32], labels: NDArray[np
         print(f"served answers equal to ONNX Runtime's: {agree}/{len(images)}")
         return 0 if agree == len(images) else 1
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
-
-
-def wait_ready(httpx: Any, base: str, server: subprocess.Popen[str], timeout: float = 60.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            return False
-        try:
-            if httpx.get(f"{base}/v2/health/ready", timeout=2).status_code == 200:
-                return True
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    return False
+        server.stop()
 
 
 # -- the walk-through --------------------------------------------------------------------------------------

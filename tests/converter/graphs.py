@@ -90,12 +90,6 @@ def initializer(m: ModelProto, name: str) -> np.ndarray:
     raise KeyError(name)
 
 
-def node_input(m: ModelProto, op_type: str, position: int) -> np.ndarray:
-    """The constant at input ``position`` of the (single) node of ``op_type``."""
-    (node,) = [n for n in m.graph.node if n.op_type == op_type]
-    return initializer(m, node.input[position])
-
-
 def close(got: np.ndarray, want: np.ndarray, rtol: float = 1e-5, atol: float = 1e-6) -> bool:
     """Norm-wise closeness at float32 precision, scaled by the reference's magnitude."""
     scale = float(np.max(np.abs(want))) if want.size else 0.0

@@ -1,4 +1,4 @@
-"""The numpy oracle itself: it must state the seed's BatchNorm exactly, or every other test proves nothing."""
+"""The numpy oracle itself: it must state BatchNorm's definition exactly, or every other test proves nothing."""
 
 from __future__ import annotations
 

@@ -31,7 +31,7 @@ CONTAINER_FIELDS = {
 }  # fmt: skip
 POD_FIELDS = {
     "containers", "volumes", "securityContext", "terminationGracePeriodSeconds", "automountServiceAccountToken",
-    "topologySpreadConstraints", "tolerations",
+    "topologySpreadConstraints", "tolerations", "enableServiceLinks",
 }  # fmt: skip
 SECURITY_FIELDS = {
     "runAsNonRoot", "runAsUser", "runAsGroup", "fsGroup", "readOnlyRootFilesystem", "allowPrivilegeEscalation",
@@ -82,6 +82,29 @@ class Pod:
     files: list[Path] = field(default_factory=list)
 
 
+def service_link_variables(service: dict[str, Any], ip: str) -> dict[str, str]:
+    """The variables the kubelet sets for a Service (``{NAME}_SERVICE_HOST``, ``{NAME}_PORT=tcp://...``...)."""
+    name = service["metadata"]["name"].upper().replace("-", "_")
+    ports = service["spec"].get("ports", [])
+    env = {f"{name}_SERVICE_HOST": ip}
+    for i, port in enumerate(ports):
+        proto = port.get("protocol", "TCP")
+        number = port["port"]
+        if i == 0:
+            env[f"{name}_SERVICE_PORT"] = str(number)
+            env[f"{name}_PORT"] = f"{proto.lower()}://{ip}:{number}"
+        if "name" in port:
+            env[f"{name}_SERVICE_PORT_{port['name'].upper().replace('-', '_')}"] = str(number)
+        prefix = f"{name}_PORT_{number}_{proto}"
+        env |= {
+            prefix: f"{proto.lower()}://{ip}:{number}",
+            f"{prefix}_PROTO": proto.lower(),
+            f"{prefix}_PORT": str(number),
+            f"{prefix}_ADDR": ip,
+        }
+    return env
+
+
 def _check(obj: dict[str, Any], allowed: set[str], where: str) -> None:
     unknown = set(obj) - allowed
     if unknown:
@@ -115,9 +138,12 @@ def docker_run(
     configmaps: dict[str, dict[str, Any]] | None = None,
     extra_mounts: dict[str, Path] | None = None,
     meta: dict[str, Any] | None = None,
+    services: list[dict[str, Any]] | None = None,
 ) -> Pod:
     """``docker run`` for the pod's single container. ``extra_mounts``: volumes a controller adds (KServe's
-    model volume at /mnt/models), read-only; ``meta``: the InferenceService metadata for template variables."""
+    model volume at /mnt/models), read-only; ``meta``: the InferenceService metadata for template variables;
+    ``services``: the namespace's Services, whose Docker-link variables the kubelet injects unless
+    ``enableServiceLinks`` is false."""
     _check(pod, POD_FIELDS, "pod spec")
     pod = copy.deepcopy(pod)  # the probes' named ports are resolved in place below
     (container,) = pod["containers"]
@@ -156,6 +182,9 @@ def docker_run(
         raise Unsupported("a seccomp profile other than RuntimeDefault (Docker's default)")
     # environment
     env: dict[str, str] = {}
+    if pod.get("enableServiceLinks", True):
+        for i, service in enumerate(services or []):
+            env |= service_link_variables(service, f"10.96.0.{10 + i}")
     for item in container.get("env", []):
         if "value" in item:
             env[item["name"]] = substitute(str(item["value"]), meta)

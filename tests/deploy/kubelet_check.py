@@ -6,7 +6,7 @@ Two pods, each read out of the manifests and translated by ``tests.deploy.kubele
   (template variables from its metadata: ``{{.Name}}`` = ``digits``; its terminationGracePeriodSeconds), the
   model as KServe's storage initializer leaves a single-file storageUri: ``/mnt/models/model.onnx``, read-only;
 - ``deployment``: deploy/kubernetes/deployment.yaml's pod, the model from model-configmap.yaml laid out as the
-  kubelet mounts a ConfigMap.
+  kubelet mounts a ConfigMap, and service/service.yaml's Docker-link variables unless enableServiceLinks is false.
 
 For each: ``docker run`` that command (printed), probes polled as declared (startup, then readiness and
 liveness, each at its period and timeout, failing after its failureThreshold), V2 REST inference with
@@ -255,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
                     {8080: args.port + 2, 9000: args.port + 3},
                     work,
                     configmaps={configmap["metadata"]["name"]: configmap},
+                    services=[one("kubernetes/service.yaml", "Service")],
                 ),
                 next(
                     a.split("=", 1)[1]

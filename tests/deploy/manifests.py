@@ -23,8 +23,8 @@ KSERVE_CRDS = {
 
 
 def shared_dir() -> Path | None:
-    """``shared/`` beside the clone (CI), or ``$BNFOLD_SHARED_DIR``; None when neither exists."""
-    for candidate in (os.environ.get("BNFOLD_SHARED_DIR"), ROOT.parent / "shared"):
+    """``shared/`` beside the clone (CI), or ``$SHARED_DIR``; None when neither exists."""
+    for candidate in (os.environ.get("SHARED_DIR"), ROOT.parent / "shared"):
         if candidate and (Path(candidate) / "kserve").is_dir():
             return Path(candidate)
     return None

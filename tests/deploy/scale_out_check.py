@@ -3,7 +3,7 @@ under load, one replica killed mid-run — no request may be lost.
 
 - replicas: deploy/kubernetes/deployment.yaml's pod translated as by the kubelet check (limits, user, read-only
   root, env, the ConfigMap model volume...), except the network: ``--network host`` with each replica on its own
-  127.0.0.1 port (``--http-port`` and ``BNFOLD_HOST=127.0.0.1`` changed, gRPC off), as the issue asks;
+  127.0.0.1 port (``--http-port`` and ``BNFOLD_HOST=127.0.0.1`` changed, ``--grpc-port=0``), as the issue asks;
 - balancer: HAProxy from Debian on the host, 127.0.0.1 only, round robin, health checks on
   ``/v2/health/ready`` (the readiness probe's path) every 500 ms, and L7 retries (``retry-on
   all-retryable-errors``, ``option redispatch``, the request body buffered so a POST can be replayed) — what a
@@ -67,8 +67,10 @@ def replica_pod(port: int) -> tuple[dict[str, Any], str]:
     deployment = one("kubernetes/deployment.yaml", "Deployment")
     pod = copy.deepcopy(deployment["spec"]["template"]["spec"])
     (container,) = pod["containers"]
-    container["args"] = [f"--http-port={port}" if a.startswith("--http-port=") else a for a in container["args"]]
-    overrides = {"BNFOLD_HOST": "127.0.0.1", "BNFOLD_GRPC_PORT": "0"}
+    # one host network: each replica its own HTTP port, no gRPC listener (it would collide; the load is REST)
+    moved = {"--http-port=": f"--http-port={port}", "--grpc-port=": "--grpc-port=0"}
+    container["args"] = [next((v for k, v in moved.items() if a.startswith(k)), a) for a in container["args"]]
+    overrides = {"BNFOLD_HOST": "127.0.0.1"}
     container["env"] = [{**e, "value": overrides[e["name"]]} if e["name"] in overrides else e for e in container["env"]]
     container.pop("ports")
     model = next(a.split("=", 1)[1] for a in container["args"] if a.startswith("--model-name="))
@@ -129,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
                 {},
                 work / f"r{i}",
                 configmaps={configmap["metadata"]["name"]: configmap},
+                services=[one("kubernetes/service.yaml", "Service")],
             )
             argv = [*run.argv[:2], "--network", "host", *run.argv[2:]]
             names.append(run.name)

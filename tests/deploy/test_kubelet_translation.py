@@ -44,6 +44,18 @@ def test_the_deployment_runs_as_declared(tmp_path: Path) -> None:
     assert "--network" not in argv  # its own network namespace, as a pod
 
 
+def test_service_links_would_inject_bnfold_variables_so_the_pods_turn_them_off(tmp_path: Path) -> None:
+    service = one("kubernetes/service.yaml", "Service")
+    pod = DEPLOYMENT["spec"]["template"]["spec"]
+    assert pod["enableServiceLinks"] is False
+    kwargs: dict[str, Any] = {"configmaps": {"bnfold-model": CONFIGMAP}, "services": [service]}
+    off = docker_run("p", "img", pod, {8080: 1, 9000: 2}, tmp_path / "a", **kwargs).env
+    assert not any(k.startswith("BNFOLD_SERVICE") or k.startswith("BNFOLD_PORT") for k in off)
+    linked = {**pod, "enableServiceLinks": True}
+    on = docker_run("p", "img", linked, {8080: 1, 9000: 2}, tmp_path / "b", **kwargs).env
+    assert on["BNFOLD_PORT"] == "tcp://10.96.0.10:80" and on["BNFOLD_SERVICE_PORT_GRPC"] == "9000"
+
+
 def test_the_configmap_volume_is_laid_out_as_the_kubelet_does_and_serves_one_model(tmp_path: Path) -> None:
     deployment_pod(tmp_path)
     volume = tmp_path / "configmap-bnfold-model"

@@ -82,7 +82,11 @@ def test_shipped_model_layout(shipped: onnx.ModelProto) -> None:
 
 
 def test_config() -> None:
-    assert json.loads(CONFIG.read_text()) == {"max_batch_size": 1, "labels": {"logits": [str(d) for d in range(10)]}}
+    assert json.loads(CONFIG.read_text()) == {
+        "max_batch_size": 1,
+        "labels": {"logits": [str(d) for d in range(10)]},
+        "scale": 16,  # the web page draws ink as 0..1; the model takes 0..16
+    }
 
 
 def test_shipped_model_is_what_export_writes(shipped: onnx.ModelProto) -> None:

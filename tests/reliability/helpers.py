@@ -6,14 +6,14 @@ import json
 import re
 import socket
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from tests.service.servers import Server
+from tests.service.servers import InThread, Server
 
 DIGITS = {"name": "pixels", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": [1.0] * 64}
 SLOW = {"inputs": [{"name": "x", "shape": [1, 384], "datatype": "FP32", "data": [0.5] * 384}]}
@@ -24,8 +24,6 @@ class Reply:
     status: int
     headers: dict[str, str]
     body: bytes
-    raw_head: bytes = b""
-    extra: dict[str, object] = field(default_factory=dict)
 
     def json(self) -> object:
         return json.loads(self.body)
@@ -64,7 +62,7 @@ def read_reply(sock: socket.socket) -> Reply:
         if not chunk:
             raise ConnectionError(f"connection closed after {len(rest)} of {length} body bytes")
         rest += chunk
-    return Reply(status, headers, rest[:length], head)
+    return Reply(status, headers, rest[:length])
 
 
 def raw(port: int, data: bytes, timeout: float = 30) -> Reply:
@@ -103,7 +101,7 @@ def reset_hwm(pid: int) -> None:
     Path(f"/proc/{pid}/clear_refs").write_text("5")
 
 
-def metric(server: Server, name: str) -> float:
+def metric(server: Server | InThread, name: str) -> float:
     """Sum of a Prometheus sample over its labels (0 when absent)."""
     text = call(server.port, "GET", "/metrics").body.decode()
     total = 0.0

@@ -14,10 +14,13 @@ from hypothesis import strategies as st
 from tests.reliability.helpers import Reply, call, hwm_mb, reset_hwm, rss_mb
 from tests.service.servers import Server
 
+pytestmark = pytest.mark.slow  # a subprocess server: the size tests read its memory
+
 
 @pytest.fixture
-def server(repo_server: Server) -> Server:
-    return repo_server
+def server(process_server: Server) -> Server:
+    """A subprocess: the size tests read its memory."""
+    return process_server
 
 
 # ------------------------------------------------------------------------------- binary extension over HTTP

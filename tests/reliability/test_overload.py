@@ -2,7 +2,8 @@
 
 One compute slot (BNFOLD_MAX_CONCURRENCY=1), two queue places (BNFOLD_MAX_QUEUE=2), the slow model (tens of
 ms per run): 3 requests can be admitted at a time; 24 clients hammer it. Every client call has a 30 s socket
-timeout, so a hang fails the test instead of stalling it.
+timeout, so a hang fails the test instead of stalling it. A subprocess server: the last test reads its memory
+and threads.
 """
 
 from __future__ import annotations
@@ -17,8 +18,21 @@ from pathlib import Path
 
 import pytest
 
-from tests.reliability.helpers import SLOW, Reply, call, metric, raw, request_bytes, rss_mb, wait_until
+from tests.reliability.helpers import (
+    SLOW,
+    Reply,
+    call,
+    hwm_mb,
+    metric,
+    raw,
+    request_bytes,
+    reset_hwm,
+    rss_mb,
+    wait_until,
+)
 from tests.service.servers import Server, save, slow_model, start
+
+pytestmark = pytest.mark.slow
 
 RETRY_AFTER = "3"
 CLIENTS = 24
@@ -86,9 +100,30 @@ def check_burst(replies: list[Reply | BaseException]) -> Counter[int]:
 def test_excess_requests_get_503_with_retry_after_never_a_hang_or_500(small_queue: Server) -> None:
     replies = burst(small_queue, CLIENTS, ROUNDS)
     statuses = check_burst(replies)
-    assert statuses[503] >= CLIENTS // 2, statuses  # 24 clients, 3 places: most of the first wave is refused
-    assert statuses[200] >= 3, statuses
+    assert statuses[200] >= 1, statuses  # an admitted request is always served
     assert "Traceback" not in small_queue.output()
+
+
+def test_every_request_past_the_admitted_ones_is_refused_at_once(small_queue: Server) -> None:
+    """Three uploads that never finish hold the three places (admitted before the body is read): while they do,
+    every further request is 503 with Retry-After, answered at once (a wait for a place would be a hang here,
+    since none frees up); once they go, requests are served again."""
+    wait_until(lambda: metric(small_queue, "bnfold_requests_in_flight") == 0, 30, what="no request in flight")
+    head = request_bytes("POST", "/v2/models/slow/infer", SLOW_BODY)
+    holders = [socket.create_connection(("127.0.0.1", small_queue.port), timeout=30) for _ in range(3)]
+    try:
+        for sock in holders:
+            sock.sendall(head[: len(head) - len(SLOW_BODY) + 10])  # headers and 10 body bytes, then nothing
+        wait_until(lambda: metric(small_queue, "bnfold_requests_in_flight") == 3, 30, what="three places held")
+        replies: list[Reply | BaseException] = [
+            call(small_queue.port, "POST", "/v2/models/slow/infer", SLOW_BODY) for _ in range(CLIENTS)
+        ]
+        assert check_burst(replies) == Counter({503: CLIENTS})
+    finally:
+        for sock in holders:
+            sock.close()
+    wait_until(lambda: metric(small_queue, "bnfold_requests_in_flight") == 0, 30, what="the places given back")
+    assert call(small_queue.port, "POST", "/v2/models/slow/infer", SLOW_BODY).status == 200
 
 
 def test_health_metadata_and_metrics_answer_during_overload(small_queue: Server) -> None:
@@ -128,8 +163,8 @@ def test_clients_that_give_up_do_not_leak_queue_places(small_queue: Server) -> N
         s = socket.create_connection(("127.0.0.1", small_queue.port), timeout=30)
         s.sendall(request_bytes("POST", "/v2/models/slow/infer", SLOW_BODY))
         socks.append(s)
-    time.sleep(0.2)
-    for s in socks:
+    wait_until(lambda: metric(small_queue, "bnfold_requests_in_flight") >= 1, 30, what="requests admitted")
+    for s in socks:  # hang up while some are queued or computing
         s.close()
     wait_until(lambda: metric(small_queue, "bnfold_requests_in_flight") == 0, 60, what="in-flight back to 0")
     replies = [raw(small_queue.port, request_bytes("POST", "/v2/models/slow/infer", SLOW_BODY)) for _ in range(4)]
@@ -151,11 +186,19 @@ def test_a_body_that_never_finishes_holds_one_place_only_while_the_client_is_the
 
 
 def test_bursts_do_not_grow_memory_or_threads(small_queue: Server) -> None:
+    """Later bursts fit in the memory the first one needed: RSS after three more bursts stays under the peak
+    (VmHWM) of the first, plus 4 MB for allocator slack; the first burst's own noise (arenas, buffers) is in
+    its peak, so it cannot fail the test. Checked against an injected leak: 512 KB kept per admitted request
+    (about 18 admitted in three bursts) fails it, 128 KB does not (the former bound, RSS growth < 20 MB over
+    two bursts, needed about 1.7 MB per admitted request)."""
     pid = small_queue.proc.pid
-    check_burst(burst(small_queue, CLIENTS, 2))  # warm
-    before_rss, before_threads = rss_mb(pid), len(list(Path(f"/proc/{pid}/task").iterdir()))
-    for _ in range(2):
+    check_burst(burst(small_queue, CLIENTS, 2))  # warm: every code path and buffer size once
+    threads_before = len(list(Path(f"/proc/{pid}/task").iterdir()))
+    reset_hwm(pid)
+    check_burst(burst(small_queue, CLIENTS, 2))
+    first_peak = hwm_mb(pid)
+    for _ in range(3):
         check_burst(burst(small_queue, CLIENTS, 2))
     after_rss, after_threads = rss_mb(pid), len(list(Path(f"/proc/{pid}/task").iterdir()))
-    assert after_rss - before_rss < 20, (before_rss, after_rss)
-    assert after_threads <= before_threads + 2, (before_threads, after_threads)
+    assert after_rss <= first_peak + 4, (first_peak, after_rss)
+    assert after_threads <= threads_before, (threads_before, after_threads)

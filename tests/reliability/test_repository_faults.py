@@ -20,6 +20,8 @@ from service.settings import BUNDLED_REPOSITORY
 from tests.reliability.helpers import DIGITS, Reply, call, infer_body, scale_model, wait_until
 from tests.service.servers import Server, save, start
 
+pytestmark = pytest.mark.slow  # subprocess servers: their log lines are checked
+
 X = [1.0, 2.0, 3.0, 4.0]
 
 
@@ -170,7 +172,7 @@ def test_versions_added_or_replaced_while_serving_are_published_whole(tmp_path: 
     for t in threads:
         t.start()
     try:
-        time.sleep(0.3)
+        wait_until(lambda: all(len(v) >= 3 for v in seen.values()), 60, what="answers before the change")
         # (1) a new version directory appears, its file copied in quick chunks (no pause outlasts a rescan)
         (repo / "m" / "2").mkdir()
         data = added.SerializeToString()
@@ -180,7 +182,8 @@ def test_versions_added_or_replaced_while_serving_are_published_whole(tmp_path: 
         data = replacement.SerializeToString()
         write_slowly(repo / "m" / "1" / "model.onnx", data, [1000, graph_end(replacement)], 0.7)
         wait_until(lambda: seen["v1"] and seen["v1"][-1][2] == expected[5.0], 30, what="version 1 replaced")
-        time.sleep(0.3)
+        counts = {k: len(v) for k, v in seen.items()}
+        wait_until(lambda: all(len(seen[k]) >= n + 3 for k, n in counts.items()), 60, what="answers after it")
     finally:
         stop.set()
         for t in threads:
@@ -239,8 +242,7 @@ def test_an_odd_version_directory_added_while_serving_does_not_stop_reloads(tmp_
     srv = start(tmp_path, "--model-repository", str(repo), env={"BNFOLD_REPOSITORY_POLL_SECONDS": "0.2"})
     try:
         shutil.copytree(BUNDLED_REPOSITORY / "digits" / "1", repo / "digits" / ODD_VERSION)
-        time.sleep(0.5)  # a few rescans see it
-        save(scale_model(2.0), repo, "added")  # then a model is added: it must still be picked up
+        save(scale_model(2.0), repo, "added")  # the rescan that finds it also meets the odd directory
         body = infer_body([{"name": "x", "shape": [4], "datatype": "FP32", "data": X}])
         wait_until(
             lambda: call(srv.port, "POST", "/v2/models/added/infer", body).status == 200, 10, 0.2, "'added' served"

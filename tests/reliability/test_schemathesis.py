@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, settings
 
 from service.app import create_app
 from service.settings import Settings
-from tests.service.servers import Server
+from tests.service.servers import InThread
 
 try:
     import schemathesis
@@ -27,8 +27,8 @@ except ImportError:  # a missing dev dependency fails this one test, not the who
 SCHEMA = create_app(Settings()).app.openapi()
 
 
-def test_the_schema_is_the_served_one(repo_server: Server) -> None:
-    r = httpx.get(repo_server.url + "/openapi.json", timeout=30)
+def test_the_schema_is_the_served_one(server: InThread) -> None:
+    r = httpx.get(server.url + "/openapi.json", timeout=30)
     assert r.status_code == 200 and r.json() == json.loads(json.dumps(SCHEMA))
 
 
@@ -42,12 +42,12 @@ else:
 
     @API.parametrize()
     @settings(max_examples=12, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
-    def test_every_operation_fuzzed_by_schemathesis_gives_no_server_error(case: Any, repo_server: Server) -> None:
+    def test_every_operation_fuzzed_by_schemathesis_gives_no_server_error(case: Any, server: InThread) -> None:
         """Each generated case twice: as generated (random names: 404 paths), and aimed at the real model
         ``digits`` (so bodies reach the parser and the model). Schemathesis' checks run on every answer, except
         ``positive_data_acceptance``: a schema-valid body can still be refused for what a JSON schema cannot say
         (an ``Inference-Header-Content-Length`` that does not match the body, a tensor that does not fit)."""
-        url = repo_server.url
+        url = server.url
         response = case.call(base_url=url, timeout=30)
         assert response.status_code < 500, (case.method, case.formatted_path, response.status_code, response.text)
         case.validate_response(response, excluded_checks=[positive_data_acceptance])

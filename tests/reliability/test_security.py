@@ -31,7 +31,7 @@ from tests.reliability.helpers import (
     reset_hwm,
     rss_mb,
 )
-from tests.service.servers import Server, start
+from tests.service.servers import InThread, Server, in_process, start
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -68,7 +68,7 @@ def malicious_pickles(marker: Path) -> dict[str, bytes]:
 
 # ------------------------------------------------------------------------------------------- the repository
 @pytest.fixture(scope="module")
-def guarded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, Path]]:
+def guarded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[InThread, Path]]:
     """A repository with digits, models in non-ONNX formats, and a real model *outside* it named ``outside``."""
     tmp = tmp_path_factory.mktemp("security")
     repo = tmp / "repo"
@@ -81,9 +81,8 @@ def guarded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, 
             path.parent.mkdir(parents=True)
             path.write_bytes(content)
         assert kind
-    srv = start(tmp, "--model-repository", str(repo), env={"BNFOLD_MAX_BODY_BYTES": str(1 << 20)})
-    yield srv, tmp
-    assert srv.stop() == 0
+    with in_process(model_repository=repo, max_body_bytes=1 << 20) as srv:
+        yield srv, tmp
 
 
 def escape_targets(outside: Path) -> list[str]:
@@ -115,7 +114,7 @@ def escape_targets(outside: Path) -> list[str]:
     ]
 
 
-def test_model_names_and_versions_cannot_escape_the_repository(guarded: tuple[Server, Path]) -> None:
+def test_model_names_and_versions_cannot_escape_the_repository(guarded: tuple[InThread, Path]) -> None:
     srv, tmp = guarded
     assert call(srv.port, "GET", "/v2/models/digits/ready").status == 200
     body = infer_body([DIGITS])
@@ -134,7 +133,7 @@ def test_model_names_and_versions_cannot_escape_the_repository(guarded: tuple[Se
     assert not problems, "\n".join(problems)
 
 
-def test_non_onnx_model_files_are_never_loaded(guarded: tuple[Server, Path]) -> None:
+def test_non_onnx_model_files_are_never_loaded(guarded: tuple[InThread, Path]) -> None:
     """model.pt/.pkl/.bin are not model files at all; a pickle named model.onnx is not ready; none unpickled."""
     srv, tmp = guarded
     for i in range(3):
@@ -162,7 +161,7 @@ def test_the_converter_never_unpickles(tmp_path: Path, capsys: pytest.CaptureFix
 
 # ------------------------------------------------------------------------------------------------- limits
 @pytest.fixture(scope="module")
-def limited(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+def limited_process(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     srv = start(
         tmp_path_factory.mktemp("limits"),
         env={"BNFOLD_MAX_BODY_BYTES": str(1 << 20), "BNFOLD_MAX_ELEMENTS": "1000"},
@@ -180,8 +179,10 @@ def gzip_bomb(size: int) -> bytes:
     return b"".join(parts)
 
 
-def test_body_and_element_limits_stop_memory_blow_ups(limited: Server) -> None:
-    port, pid = limited.port, limited.proc.pid
+@pytest.mark.slow
+def test_body_and_element_limits_stop_memory_blow_ups(limited_process: Server) -> None:
+    """A subprocess: the test reads the server's peak memory."""
+    port, pid = limited_process.port, limited_process.proc.pid
     assert call(port, "POST", "/v2/models/digits/infer", infer_body([DIGITS])).status == 200
     rss_before = rss_mb(pid)
     reset_hwm(pid)
@@ -228,11 +229,10 @@ def test_body_and_element_limits_stop_memory_blow_ups(limited: Server) -> None:
     many = {"name": "pixels", "shape": [150_000], "datatype": "FP32", "data": [0] * 150_000}  # 450 KB of JSON
     r = call(port, "POST", "/v2/models/digits/infer", infer_body([many]))
     assert r.status == 400 and "limit" in r.json()["error"]  # type: ignore[index]
-    raw_header = infer_body([{"name": "pixels", "shape": [1, 1, 8, 8], "datatype": "FP32"}])
     r = raw(
         port, request_bytes("POST", "/v2/models/digits/infer", bytes(4000), {"Inference-Header-Content-Length": "0"})
     )
-    assert r.status == 400 and raw_header  # a raw body of 1000 floats is 1000 elements: too many for [1,1,8,8]
+    assert r.status == 400  # a raw body of 1000 floats is 1000 elements: too many for [1,1,8,8]
 
     peak = hwm_mb(pid)
     assert peak - rss_before < 40, f"peak RSS {peak:.1f} MB, {peak - rss_before:.1f} MB above {rss_before:.1f} MB"

@@ -1,23 +1,24 @@
-"""Real `bnfold serve` processes on 127.0.0.1 for the tests, and the small models they serve."""
+"""Servers for the tests (subprocess or in-thread, both on 127.0.0.1) and the small models they serve."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
-import signal
-import socket
-import subprocess
-import sys
-import time
-from dataclasses import dataclass
+import threading
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
 import onnx
+import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from service.settings import BUNDLED_REPOSITORY
+from service.app import Service
+from service.launcher import LIVE, READY, ServerProcess, ThreadServer, free_port, in_thread, launch
+from service.settings import BUNDLED_REPOSITORY, Settings
 
 V2_TYPES = {
     "BOOL": TensorProto.BOOL,
@@ -102,66 +103,85 @@ def build_repository(root: Path) -> Path:
     return root
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@dataclass
-class Server:
-    proc: subprocess.Popen[bytes]
-    port: int
-    log: Path
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
+class Server(ServerProcess):
+    """A ``bnfold serve`` subprocess (see :mod:`service.launcher`), with an httpx client at hand."""
 
     def client(self, **kw: object) -> httpx.Client:
-        return httpx.Client(base_url=self.url, timeout=30, **kw)  # type: ignore[arg-type]
+        return httpx.Client(**{"base_url": self.url, "timeout": 30, **kw})  # type: ignore[arg-type]
 
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
 
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            raise
+class InThread(ThreadServer):
+    """An app served in a thread of the test process (see :func:`service.launcher.in_thread`)."""
+
+    def client(self, **kw: object) -> httpx.Client:
+        return httpx.Client(**{"base_url": self.url, "timeout": 30, **kw})  # type: ignore[arg-type]
+
+    @property
+    def service(self) -> Service:
+        return self.app.app.state.service  # type: ignore[no-any-return]
 
 
 def start(tmp: Path, *args: str, env: dict[str, str] | None = None, ready: bool = True, timeout: float = 90) -> Server:
-    """Start `python -m service serve ARGS` on a free port; wait until live (and ready, if asked)."""
+    """Start `python -m service serve ARGS` on a free port, log in ``tmp``; wait until live (and ready, if asked).
+
+    ``env`` is added to this process's environment (and BNFOLD_WARMUP_RUNS=1).
+    """
     port = free_port()
-    log = tmp / f"server-{port}.log"
     full_env = {**os.environ, "BNFOLD_WARMUP_RUNS": "1", **(env or {})}
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "service", "serve", *args, "--port", str(port)],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=full_env,
-        )
-    server = Server(proc, port, log)
-    path = "/v2/health/ready" if ready else "/v2/health/live"
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}:\n{server.output()[-3000:]}")
-        try:
-            if httpx.get(server.url + path, timeout=1).status_code == 200:
-                return server
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    server.stop(signal.SIGKILL)
-    raise RuntimeError(f"server not {'ready' if ready else 'live'} in {timeout} s:\n{server.output()[-3000:]}")
+    launched = launch(
+        args, port=port, env=full_env, log=tmp / f"server-{port}.log", ready=READY if ready else LIVE, timeout=timeout
+    )
+    return Server(launched.proc, launched.port, launched.log)
+
+
+@contextlib.contextmanager
+def in_process(**settings: Any) -> Iterator[InThread]:
+    """``create_app(Settings(**settings))`` served in a thread of the test process (warm-up: one run)."""
+    with in_thread(Settings(**{"warmup_runs": 1, **settings})) as srv:
+        yield InThread(srv.app, srv.port)
+
+
+class HeldRuns:
+    """ONNX Runtime runs of this process held at the door until :meth:`release` (see :func:`hold_inference`)."""
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+        self.entered = threading.Semaphore(0)
+        self._release = threading.Event()
+        self._lock = threading.Lock()
+
+    def take(self) -> bool:
+        with self._lock:
+            if self.count == 0:
+                return False
+            self.count -= 1
+            return True
+
+    def wait_entered(self, n: int = 1, timeout: float = 60) -> None:
+        for _ in range(n):
+            assert self.entered.acquire(timeout=timeout), "an inference never reached ONNX Runtime"
+
+    def release(self) -> None:
+        self._release.set()
+
+
+@contextlib.contextmanager
+def hold_inference(count: int = 1) -> Iterator[HeldRuns]:
+    """The next ``count`` ``InferenceSession.run`` calls in this process (an in-thread server's) wait inside
+    ONNX Runtime's Python binding until released: an inference observably in flight for as long as a test needs.
+    Released on the way out, whatever happens."""
+    held = HeldRuns(count)
+    original = ort.InferenceSession.run
+
+    def run(self: ort.InferenceSession, *args: Any, **kwargs: Any) -> Any:
+        if held.take():
+            held.entered.release()
+            held._release.wait(120)
+        return original(self, *args, **kwargs)
+
+    ort.InferenceSession.run = run  # type: ignore[method-assign]
+    try:
+        yield held
+    finally:
+        held.release()
+        ort.InferenceSession.run = original  # type: ignore[method-assign]

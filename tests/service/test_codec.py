@@ -11,10 +11,10 @@ import tritonclient.http as tc
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from tritonclient.http._infer_result import InferResult
-from tritonclient.http._utils import _get_inference_request
 
 from service.codec import DATATYPES, OutputTensor, encode_response, parse_request
 from service.errors import BadRequest
+from tests.service.triton import triton_body
 
 LIMIT = 1 << 20
 RNG = np.random.default_rng(0)
@@ -30,23 +30,6 @@ def sample(datatype: str, shape: tuple[int, ...]) -> np.ndarray:
         return RNG.standard_normal(shape).astype(dtype)
     info = np.iinfo(dtype)
     return RNG.integers(info.min, info.max, size=shape, dtype=dtype, endpoint=True)
-
-
-def triton_body(
-    inputs: list[tc.InferInput], outputs: list[tc.InferRequestedOutput] | None = None, **kw: object
-) -> tuple[bytes, int | None]:
-    body, header_length = _get_inference_request(
-        inputs=inputs,
-        request_id=kw.get("request_id", ""),
-        outputs=outputs,
-        sequence_id=0,
-        sequence_start=False,
-        sequence_end=False,
-        priority=0,
-        timeout=kw.get("timeout"),
-        custom_parameters=None,
-    )
-    return (body if isinstance(body, bytes) else body.encode()), header_length
 
 
 # tritonclient refuses FP16 as JSON (JSON has no half type); that case is test_fp16_as_json_numbers
@@ -147,7 +130,10 @@ MALFORMED = {
     "huge declared shape": (lambda: framed(one(8, shape=[1 << 10, 1 << 12]), b"\0" * 8), "above the limit"),
     "absurd dim of an empty tensor": (lambda: framed(one(0, shape=[0, 1 << 62])), "beyond the limits"),
     "negative dim": (lambda: framed(one(8, shape=[-1, 2]), b"\0" * 8), "negative dimension"),
-    "float dim": (lambda: framed(one(8, shape=[1.5, 2]), b"\0" * 8), "list of integers"),  # type: ignore[list-item]
+    "float dim": (
+        lambda: framed(one(8, shape=[1.5, 2]), b"\0" * 8),
+        "inputs[0].shape[0] must be an integer, got a number",
+    ),  # type: ignore[list-item]
     "bool out of range": (lambda: framed(one(2, "BOOL"), b"\x00\x07"), "0 or 1"),
     "unknown datatype": (lambda: framed(one(8, "FP8")), "unknown datatype"),
     "data and binary": (lambda: framed(one(8, data=[1, 2]), b"\0" * 8), "both data and binary"),
@@ -169,7 +155,10 @@ MALFORMED = {
     "nested shape mismatch": (lambda: framed(one(None, shape=[2, 1], data=[[1, 2]])), "nested data has shape"),
     "timeout negative": (lambda: framed({**one(None, data=[1, 2]), "parameters": {"timeout": -5}}), "timeout"),
     "id not a string": (lambda: framed({**one(None, data=[1, 2]), "id": 7}), "id must be a string"),
-    "outputs not a list": (lambda: framed({**one(None, data=[1, 2]), "outputs": {}}), "outputs must be a list"),
+    "outputs not a list": (
+        lambda: framed({**one(None, data=[1, 2]), "outputs": {}}),
+        "outputs must be an array, got an object",
+    ),
     "classification negative": (
         lambda: framed({**one(None, data=[1, 2]), "outputs": [{"name": "y", "parameters": {"classification": -1}}]}),
         "classification",

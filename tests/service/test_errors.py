@@ -15,13 +15,16 @@ import tritonclient.http as tc
 from tritonclient.utils import InferenceServerException
 
 from tests.reliability.helpers import metric, read_reply, wait_until
-from tests.service.servers import Server, start
+from tests.service.servers import InThread, hold_inference, in_process
 
 PIXELS = {"name": "pixels", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": [0.0] * 64}
 
 
 def body(*inputs: dict, **extra: object) -> dict:
     return {"inputs": list(inputs), **extra}
+
+
+STATIC = {"inputs": [{"name": "x", "shape": [3], "datatype": "FP32", "data": [1, 2, 3]}]}
 
 
 def with_(**changes: object) -> dict:
@@ -94,7 +97,7 @@ def _dtypes_classification() -> dict:
 
 
 @pytest.mark.parametrize(("path", "payload", "status", "message"), CASES.values(), ids=CASES.keys())
-def test_error_status_and_message(server: Server, path: str, payload: dict | None, status: int, message: str) -> None:
+def test_error_status_and_message(server: InThread, path: str, payload: dict | None, status: int, message: str) -> None:
     with server.client() as http:
         r = http.post(path, json=payload if payload is not None else _dtypes_classification())
     assert r.status_code == status, r.text
@@ -103,7 +106,7 @@ def test_error_status_and_message(server: Server, path: str, payload: dict | Non
     assert "\n" not in error
 
 
-def test_malformed_transport_details(server: Server) -> None:
+def test_malformed_transport_details(server: InThread) -> None:
     with server.client() as http:
         r = http.post("/v2/models/digits/infer", content=b"{not json")
         assert r.status_code == 400 and "not valid JSON" in r.json()["error"]
@@ -140,29 +143,24 @@ def test_malformed_transport_details(server: Server) -> None:
 
 
 @pytest.fixture(scope="module")
-def limited(repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+def limited(repo: Path) -> Iterator[InThread]:
     """Small limits: 2 KiB bodies, one compute slot, one queued request; and an API key."""
-    srv = start(
-        tmp_path_factory.mktemp("limited"),
-        "--model-repository",
-        str(repo),
-        env={
-            "BNFOLD_MAX_BODY_BYTES": "2048",
-            "BNFOLD_MAX_CONCURRENCY": "1",
-            "BNFOLD_MAX_QUEUE": "1",
-            "BNFOLD_API_KEY": "s3cret",
-            "BNFOLD_RETRY_AFTER_SECONDS": "2",
-            "BNFOLD_BODY_TIMEOUT_SECONDS": "1",
-        },
-    )
-    yield srv
-    assert srv.stop() == 0
+    with in_process(
+        model_repository=repo,
+        max_body_bytes=2048,
+        max_concurrency=1,
+        max_queue=1,
+        api_key="s3cret",
+        retry_after_seconds=2,
+        body_timeout_seconds=1,
+    ) as srv:
+        yield srv
 
 
 AUTH = {"Authorization": "Bearer s3cret"}
 
 
-def test_body_limit_is_413_also_when_inflated(limited: Server) -> None:
+def test_body_limit_is_413_also_when_inflated(limited: InThread) -> None:
     big = json.dumps(body(with_(data=[1.2345678] * 64))).encode() + b" " * 2048
     with limited.client(headers=AUTH) as http:
         r = http.post("/v2/models/digits/infer", content=big)
@@ -178,7 +176,7 @@ def test_body_limit_is_413_also_when_inflated(limited: Server) -> None:
         assert r.status_code == 413
 
 
-def test_api_key_guards_models_not_health_or_metrics(limited: Server) -> None:
+def test_api_key_guards_models_not_health_or_metrics(limited: InThread) -> None:
     with limited.client() as http:
         for path in ("/v2/health/live", "/v2/health/ready", "/metrics", "/v2"):
             assert http.get(path).status_code == 200, path
@@ -196,35 +194,36 @@ def test_api_key_guards_models_not_health_or_metrics(limited: Server) -> None:
     assert client.get_model_metadata("digits", headers=AUTH)["name"] == "digits"
 
 
-def test_full_queue_answers_503_with_retry_after_then_recovers(limited: Server) -> None:
-    slow = {"inputs": [{"name": "x", "shape": [1, 384], "datatype": "FP32", "data": [0.5] * 384}]}
-    slow_raw = json.dumps(slow).encode()
+def test_full_queue_answers_503_with_retry_after_then_recovers(limited: InThread) -> None:
+    """One request computing (held inside ONNX Runtime), one queued: the next is refused at once, 503 with
+    Retry-After; once the held one is let go, both finish 200 and the server serves again."""
     statuses: list[int] = []
-    retry_after: set[str] = set()
-    lock = threading.Lock()
 
     def worker() -> None:
         with limited.client(headers=AUTH) as http:
-            r = http.post("/v2/models/slow/infer", content=slow_raw)
-        with lock:
-            statuses.append(r.status_code)
-            if r.status_code == 503:
-                retry_after.add(r.headers.get("retry-after", ""))
-                assert "server busy" in r.json()["error"]
+            statuses.append(http.post("/v2/models/static/infer", json=STATIC).status_code)
 
-    threads = [threading.Thread(target=worker) for _ in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert set(statuses) <= {200, 503}
-    assert statuses.count(200) >= 2 and statuses.count(503) >= 1, statuses
-    assert retry_after == {"2"}
-    with limited.client(headers=AUTH) as http:  # load is gone: serves again at once
-        assert http.post("/v2/models/slow/infer", content=slow_raw).status_code == 200
+    wait_until(lambda: metric(limited, "bnfold_requests_in_flight") == 0, 30, what="no inference in flight")
+    with hold_inference() as held:
+        computing = threading.Thread(target=worker)
+        computing.start()
+        held.wait_entered()
+        queued = threading.Thread(target=worker)
+        queued.start()
+        wait_until(lambda: metric(limited, "bnfold_requests_in_flight") == 2, 30, what="one computing, one queued")
+        with limited.client(headers=AUTH, timeout=20) as http:
+            refused = http.post("/v2/models/static/infer", json=STATIC)
+        assert refused.status_code == 503 and refused.headers["retry-after"] == "2", refused.text
+        assert "server busy" in refused.json()["error"]
+        held.release()
+        computing.join(60)
+        queued.join(60)
+    assert statuses == [200, 200]
+    with limited.client(headers=AUTH) as http:
+        assert http.post("/v2/models/static/infer", json=STATIC).status_code == 200
 
 
-def test_timeout_parameter_gives_504(limited: Server) -> None:
+def test_timeout_parameter_gives_504(limited: InThread) -> None:
     slow = {
         "inputs": [{"name": "x", "shape": [1, 384], "datatype": "FP32", "data": [0.5] * 384}],
         "parameters": {"timeout": 1000},
@@ -236,7 +235,7 @@ def test_timeout_parameter_gives_504(limited: Server) -> None:
         assert http.post("/v2/models/slow/infer", json=slow).status_code == 200
 
 
-def test_no_client_mistake_is_a_500(server: Server) -> None:
+def test_no_client_mistake_is_a_500(server: InThread) -> None:
     rng = np.random.default_rng(1)
     junk = [
         b"",
@@ -260,14 +259,14 @@ def test_no_client_mistake_is_a_500(server: Server) -> None:
                 assert isinstance(r.json()["error"], str)
 
 
-def test_http_client_sees_connection_survive_errors(server: Server) -> None:
+def test_http_client_sees_connection_survive_errors(server: InThread) -> None:
     with httpx.Client(base_url=server.url) as http:
         for _ in range(3):
             assert http.post("/v2/models/nope/infer", json={}).status_code == 404
         assert http.get("/v2/health/ready").status_code == 200
 
 
-def test_a_body_that_never_arrives_is_408_and_frees_its_place(limited: Server) -> None:
+def test_a_body_that_never_arrives_is_408_and_frees_its_place(limited: InThread) -> None:
     import socket
 
     # an earlier test's slow request may still hold the single slot

@@ -162,8 +162,8 @@ def test_a_real_server_answers_a_large_json_request_like_onnx_runtime(tmp_path: 
     import tritonclient.http as tc
     from onnx import TensorProto, helper, numpy_helper
 
-    from tests.service.servers import save, start
-    from tests.service.test_codec import triton_body
+    from tests.service.servers import in_process, save
+    from tests.service.triton import triton_body
 
     n = 20_000  # ~400 KB of JSON: over MIN_BYTES, and over the size decoded off the event loop
     graph = helper.make_graph(
@@ -174,8 +174,7 @@ def test_a_real_server_answers_a_large_json_request_like_onnx_runtime(tmp_path: 
         [numpy_helper.from_array(np.array(3.0, np.float32), "k")],
     )
     save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "repo", "wide")
-    server = start(tmp_path, "--model-repository", str(tmp_path / "repo"))
-    try:
+    with in_process(model_repository=tmp_path / "repo") as server:
         x = np.random.default_rng(3).standard_normal((1, n)).astype(np.float32)
         inp = tc.InferInput("x", [1, n], "FP32")
         inp.set_data_from_numpy(x, binary_data=False)
@@ -188,8 +187,6 @@ def test_a_real_server_answers_a_large_json_request_like_onnx_runtime(tmp_path: 
         with server.client() as http:
             reply = http.post("/v2/models/wide/infer", content=orjson.dumps(nested))
         assert reply.status_code == 400 and "ragged" in reply.json()["error"]
-    finally:
-        assert server.stop() == 0
 
 
 @given(st.one_of(st.binary(max_size=300), st.text("[]1, ", max_size=300).map(str.encode)), st.integers(1, 64))

@@ -3,24 +3,27 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
+from service import cli
 from service.app import Service
-from service.settings import BUNDLED_REPOSITORY, Settings
-from tests.service.servers import slow_model, start
+from service.settings import BUNDLED_REPOSITORY, Settings, unknown_variables
+from tests.reliability.helpers import metric, wait_until
+from tests.service.servers import in_process, slow_model, start
 
 SLOW = {"inputs": [{"name": "x", "shape": [1, 384], "datatype": "FP32", "data": [0.5] * 384}]}
 
 
+@pytest.mark.slow
 def test_serve_with_no_arguments_serves_digits_from_any_directory(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("BNFOLD_")}
     cwd = os.getcwd()
@@ -42,11 +45,14 @@ def test_serve_with_no_arguments_serves_digits_from_any_directory(tmp_path: Path
         assert srv.stop() == 0
 
 
+@pytest.mark.slow
 def test_single_model_file_mode_and_sigterm_drain(tmp_path: Path) -> None:
+    """Three requests admitted (one computing, about 2 s a run, two queued for the single slot), then SIGTERM:
+    all three complete, and the server exits 0."""
     import onnx
 
     path = tmp_path / "my-model.onnx"
-    onnx.save(slow_model(), str(path))
+    onnx.save(slow_model(repeats=480), str(path))
     srv = start(tmp_path, str(path), env={"BNFOLD_MAX_CONCURRENCY": "1"})
     results: list[int] = []
 
@@ -57,7 +63,7 @@ def test_single_model_file_mode_and_sigterm_drain(tmp_path: Path) -> None:
     threads = [threading.Thread(target=client) for _ in range(3)]
     for t in threads:
         t.start()
-    time.sleep(0.15)  # all three accepted; the first is computing, two wait for the single slot
+    wait_until(lambda: metric(srv, "bnfold_requests_in_flight") == 3, 60, what="three requests admitted")
     srv.proc.send_signal(signal.SIGTERM)
     for t in threads:
         t.join()
@@ -90,6 +96,7 @@ def test_readiness_drops_the_moment_a_signal_arrives() -> None:
     assert received == [signal.SIGTERM]
 
 
+@pytest.mark.slow
 def test_strict_provider_policy_refuses_to_start(tmp_path: Path) -> None:
     env = {**os.environ, "BNFOLD_PROVIDERS": "cuda,cpu", "BNFOLD_PROVIDER_POLICY": "strict"}
     proc = subprocess.run(
@@ -104,16 +111,13 @@ def test_strict_provider_policy_refuses_to_start(tmp_path: Path) -> None:
     assert "CUDAExecutionProvider" in proc.stderr and "not active" in proc.stderr
 
 
-def test_fallback_provider_policy_serves_and_reports_it(tmp_path: Path) -> None:
-    srv = start(tmp_path, env={"BNFOLD_PROVIDERS": "cuda,cpu"})
-    try:
-        with srv.client() as http:
-            meta = http.get("/v2/models/digits").json()["bnfold"]
-        assert meta["requested_providers"] == ["CUDAExecutionProvider", "CPUExecutionProvider"]
-        assert meta["providers"] == ["CPUExecutionProvider"]
-        assert "serving with fallback" in srv.output()
-    finally:
-        assert srv.stop() == 0
+@pytest.mark.filterwarnings("ignore:Specified provider 'CUDAExecutionProvider'")
+def test_fallback_provider_policy_serves_and_reports_it(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, "bnfold"), in_process(providers=["cuda", "cpu"]) as srv, srv.client() as h:
+        meta = h.get("/v2/models/digits").json()["bnfold"]
+    assert meta["requested_providers"] == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert meta["providers"] == ["CPUExecutionProvider"]
+    assert "serving with fallback" in caplog.text
 
 
 @pytest.mark.parametrize(
@@ -124,19 +128,24 @@ def test_fallback_provider_policy_serves_and_reports_it(tmp_path: Path) -> None:
         (["--port", "70000"], {}, "setting port"),
         ([], {"BNFOLD_PROVIDERS": "tpu"}, "providers must be a list of"),
         ([], {"BNFOLD_MAX_QUEUE": "-1"}, "max_queue"),
+        ([], {"BNFOLD_MAX_QUEU": "3"}, "unknown setting BNFOLD_MAX_QUEU; did you mean BNFOLD_MAX_QUEUE?"),
     ],
 )
-def test_bad_settings_are_exit_2_one_line(args: list[str], env: dict[str, str], message: str) -> None:
-    proc = subprocess.run(
-        [sys.executable, "-m", "service", "serve", *args],
-        env={**os.environ, **env},
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert proc.returncode == 2, proc.stderr
-    assert message in proc.stderr and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+def test_bad_settings_are_exit_2_one_line(
+    args: list[str], env: dict[str, str], message: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert cli.main(["serve", *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err, err
+
+
+def test_unknown_variables_far_from_any_setting_are_only_named() -> None:
+    """docker compose reads BNFOLD_IMAGE and the like from the same shell: not an error, but named."""
+    assert unknown_variables({"BNFOLD_IMAGE": "x", "BNFOLD_PORT": "1", "OTHER": "y"}) == ["BNFOLD_IMAGE"]
+    with pytest.raises(ValueError, match="did you mean BNFOLD_PROVIDERS"):
+        unknown_variables({"BNFOLD_PROVIDER": "cpu"})
 
 
 def test_settings_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -150,26 +159,25 @@ def test_settings_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> 
     assert s.model_repository == BUNDLED_REPOSITORY
 
 
-def test_repository_config_errors_leave_only_that_model_unready(tmp_path: Path) -> None:
+def test_repository_config_errors_leave_only_that_model_unready(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     import shutil
 
     repo = tmp_path / "repo"
     shutil.copytree(BUNDLED_REPOSITORY / "digits", repo / "digits")
     shutil.copytree(BUNDLED_REPOSITORY / "digits", repo / "badconfig")
     (repo / "badconfig" / "config.json").write_text(json.dumps({"max_batch_size": "many"}))
-    srv = start(tmp_path, "--model-repository", str(repo))
-    try:
-        with srv.client() as http:
-            assert http.get("/v2/models/digits/ready").status_code == 200
-            r = http.get("/v2/models/badconfig/ready")
-            assert r.status_code == 503
-            r = http.post("/v2/models/badconfig/infer", json={})
-            assert r.status_code == 503 and "invalid config" in r.json()["error"]
-        assert "model badconfig version 1 is not ready" in srv.output()
-    finally:
-        assert srv.stop() == 0
+    with caplog.at_level(logging.WARNING, "bnfold"), in_process(model_repository=repo) as srv, srv.client() as http:
+        assert http.get("/v2/models/digits/ready").status_code == 200
+        r = http.get("/v2/models/badconfig/ready")
+        assert r.status_code == 503
+        r = http.post("/v2/models/badconfig/infer", json={})
+        assert r.status_code == 503 and "invalid config" in r.json()["error"]
+    assert "model badconfig version 1 is not ready" in caplog.text
 
 
+@pytest.mark.slow
 def test_two_workers(tmp_path: Path) -> None:
     srv = start(tmp_path, "--workers", "2")
     try:

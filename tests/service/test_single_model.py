@@ -88,7 +88,10 @@ def test_bad_single_model_arguments_are_exit_2_one_line(args: list[str], message
 
 def test_kserve_style_directory_named_model_and_json_logs(tmp_path: Path) -> None:
     volume = configmap_volume(tmp_path / "mnt-models", {"model.onnx": DIGITS})
-    srv = start(tmp_path, "--model-name=mnist-v2", str(volume), env={"BNFOLD_LOG_FORMAT": "json"})
+    # BNFOLD_SERVICE_HOST: as a Service named bnfold would inject (service links); warned about before the
+    # settings are read, in JSON too
+    env = {"BNFOLD_LOG_FORMAT": "json", "BNFOLD_SERVICE_HOST": "10.96.0.10"}
+    srv = start(tmp_path, "--model-name=mnist-v2", str(volume), env=env)
     try:
         with srv.client() as http:
             assert http.get("/v2/models/mnist-v2").json()["versions"] == ["1"]
@@ -104,6 +107,7 @@ def test_kserve_style_directory_named_model_and_json_logs(tmp_path: Path) -> Non
     assert any("model mnist-v2 version 1 ready" in m for m in messages)
     assert any("readiness off" in m for m in messages)  # the SIGTERM drain, logged by the app
     assert any(r["logger"].startswith("uvicorn") for r in records)  # uvicorn's own loggers too
+    assert any("BNFOLD_SERVICE_HOST names no bnfold setting" in m for m in messages)
 
 
 def test_json_formatter_keeps_the_traceback_on_one_line() -> None:

@@ -1,0 +1,35 @@
+"""service.launcher: what a caller sees when a server does not come up, and the log attached to a failure."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+import pytest
+
+from service.launcher import LaunchError, in_thread, launch, serving
+from service.settings import Settings
+
+
+def test_a_server_that_exits_at_start_is_a_launch_error_with_its_log(tmp_path: Path) -> None:
+    with pytest.raises(LaunchError, match="exited with 2") as exc:
+        launch(["--model-repository", str(tmp_path / "nowhere")], log=tmp_path / "server.log")
+    assert "model repository not found" in str(exc.value)
+
+
+@pytest.mark.slow
+def test_serving_stops_the_server_and_attaches_its_log_to_a_failure(tmp_path: Path) -> None:
+    with pytest.raises(AssertionError) as exc, serving(env=None, log=tmp_path / "server.log") as server:
+        assert httpx.get(server.url + "/v2/health/ready").status_code == 200
+        process = server.proc
+        raise AssertionError("a failing check")
+    assert process.poll() == 0  # stopped with SIGTERM: a clean exit
+    notes = "\n".join(getattr(exc.value, "__notes__", []))
+    assert "last lines of bnfold's log" in notes and "Application startup complete" in notes
+
+
+@pytest.mark.filterwarnings("ignore:Specified provider 'CUDAExecutionProvider'")
+def test_an_in_thread_app_that_fails_its_start_up_is_a_launch_error() -> None:
+    settings = Settings(providers=["cuda", "cpu"], provider_policy="strict", warmup_runs=0)
+    with pytest.raises(LaunchError, match="stopped during start-up"), in_thread(settings):
+        pass
