@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -40,7 +39,9 @@ from typing import Any
 import numpy as np
 
 from benchmarks import environment, serving
+from benchmarks._harness import FIXED_BODY_LUA, clean_env, model_ready_paths, start_server
 from benchmarks.environment import emit
+from service.launcher import ServerProcess
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE / "results" / "capacity.json"
@@ -96,20 +97,10 @@ def prepare(tmp: Path, name: str) -> tuple[Path, serving.Bench]:
     return path, bench
 
 
-def start(tmp: Path, name: str, path: Path, cpus: set[int] | None) -> serving.Server:
-    port = serving.free_port()
-    log = tmp / f"{name}.log"
-    cmd = [sys.executable, "-m", "service", "serve", str(path), "--model-name", name, "--port", str(port)]
-    with log.open("wb") as f:
-        proc = subprocess.Popen(
-            serving.pinned(cmd, cpus),
-            cwd=serving.ROOT,
-            env=serving.clean_env(BNFOLD_INTRA_OP_THREADS="1"),
-            stdout=f,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    return serving.Server("bnfold", port, proc, log)
+def start(tmp: Path, name: str, path: Path, cpus: set[int] | None) -> ServerProcess:
+    """``bnfold serve MODEL --model-name NAME``, one ONNX Runtime thread, every other setting at its default."""
+    env = clean_env(BNFOLD_INTRA_OP_THREADS="1")
+    return start_server(tmp, name, [str(path), "--model-name", name], cpus=cpus, env=env)
 
 
 def measure(args: argparse.Namespace, tmp: Path, name: str, lua: Path) -> dict[str, Any]:
@@ -119,14 +110,14 @@ def measure(args: argparse.Namespace, tmp: Path, name: str, lua: Path) -> dict[s
     encoding = ENCODING[name]
     runs: dict[int, list[dict[str, Any]]] = {c: [] for c in args.concurrency}
     try:
-        server.wait_ready([name], 120)
+        server.wait_ready(model_ready_paths([name]), 120)
         serving.check(server, bench, encoding)
-        url = server.infer_url(name)
-        serving.run_wrk(lua, url, bench, encoding, max(args.concurrency), 2, client_cpus)  # warm-up, not reported
+        url = serving.infer_url(server, name)
+        serving.wrk_cell(lua, url, bench, encoding, max(args.concurrency), 2, client_cpus)  # warm-up, not reported
         for round_no in range(args.rounds):
             order = list(args.concurrency) if round_no % 2 == 0 else list(reversed(args.concurrency))
             for c in order:
-                r = serving.run_wrk(lua, url, bench, encoding, c, args.seconds, client_cpus, server.proc.pid)
+                r = serving.wrk_cell(lua, url, bench, encoding, c, args.seconds, client_cpus, server.proc.pid)
                 runs[c].append(r)
                 serving.log(
                     f"{name} c={c}: {r['rps']:.0f} req/s, p99 {r['p99_us'] / 1000:.1f} ms, errors {r['errors']}"
@@ -183,7 +174,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="bnfold-capacity-") as t:
         tmp = Path(t)
         lua = tmp / "bench.lua"
-        lua.write_text(serving.LUA)
+        lua.write_text(FIXED_BODY_LUA)
         for name in args.models:
             result["models"].append(measure(args, tmp, name, lua))
     import os

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import load
+from benchmarks._harness import COUNTING_LUA
 from tests.deploy.kubelet import docker_run
 from tests.deploy.manifests import ROOT, one
 
@@ -153,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         wait_ready(args.port)
         lua = work / "count.lua"
-        lua.write_text(load.LUA)
+        lua.write_text(COUNTING_LUA)
         url = f"http://127.0.0.1:{args.port}/v2/models/{model}/infer"
 
         before = [success_count(p) for p in ports]
