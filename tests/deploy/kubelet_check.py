@@ -112,6 +112,44 @@ def infer(pod: Pod, model: str) -> str:
     return f"V2 REST inference on {model} over tritonclient.http, max |served - host ORT| = {err:.1e}"
 
 
+def grpc_port(pod: Pod) -> int | None:
+    """The container's gRPC port when its args turn gRPC on (``--grpc-port=N``, N > 0), else None."""
+    for arg in pod.argv[pod.argv.index("serve") + 1 :] if "serve" in pod.argv else []:
+        if arg.startswith("--grpc-port="):
+            port = int(arg.split("=", 1)[1])
+            return port or None
+    return None
+
+
+def infer_grpc(pod: Pod, model: str, port: int) -> str:
+    """V2 gRPC inference with tritonclient.grpc, and grpc.health.v1 as the kubelet's gRPC probe asks it."""
+    import grpc
+    import onnxruntime as ort
+    import tritonclient.grpc as tgrpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    address = f"127.0.0.1:{pod.ports[port]}"
+    with grpc.insecure_channel(address) as channel:
+        answer = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+    if answer.status != health_pb2.HealthCheckResponse.SERVING:
+        raise Failure(f"{pod.name}: grpc.health.v1 Check('') = {answer.status}, not SERVING")
+    client = tgrpc.InferenceServerClient(address)
+    if not (client.is_server_ready() and client.is_model_ready(model)):
+        raise Failure(f"{pod.name}: model {model} not ready over tritonclient.grpc")
+    meta = client.get_model_metadata(model, as_json=True)
+    (inp,) = meta["inputs"]
+    (out,) = meta["outputs"]
+    x = np.random.default_rng(18).uniform(0, 16, (1, 1, 8, 8)).astype(np.float32)
+    tensor = tgrpc.InferInput(inp["name"], list(x.shape), inp["datatype"])
+    tensor.set_data_from_numpy(x)
+    got = client.infer(model, [tensor]).as_numpy(out["name"])
+    want = ort.InferenceSession(str(MODEL), providers=["CPUExecutionProvider"]).run(None, {inp["name"]: x})[0]
+    err = float(np.abs(got - want).max())
+    if err > 1e-4 * max(1.0, float(np.abs(want).max())):
+        raise Failure(f"{pod.name}: gRPC output differs from host ONNX Runtime by {err}")
+    return f"grpc.health.v1 SERVING; V2 gRPC inference over tritonclient.grpc, max |served - host ORT| = {err:.1e}"
+
+
 def check_container(pod: Pod) -> list[str]:
     notes = []
     pid = docker("inspect", "-f", "{{.State.Pid}}", pod.name)
@@ -204,6 +242,11 @@ def run_pod(pod: Pod, model: str) -> None:
             get = pod.probes[kind]["httpGet"]
             log(f"{pod.name}: {kind} {get['path']} on :{get['port']} succeeded after {took:.1f} s")
     log(f"{pod.name}: {infer(pod, model)}")
+    port = grpc_port(pod)
+    if port is None:
+        log(f"{pod.name}: gRPC NOT CHECKED: the container's args turn no gRPC port on")
+    else:
+        log(f"{pod.name}: {infer_grpc(pod, model, port)}")
     for note in check_container(pod):
         log(f"{pod.name}: {note}")
     log(f"{pod.name}: {terminate(pod, model)}")
