@@ -19,6 +19,7 @@ from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from converter import ConversionError, Report, convert
+from converter.errors import first_line as _first_line
 from service.codec import (
     DATATYPES,
     ORT_TO_V2,
@@ -426,8 +427,3 @@ def _fold_summary(report: Report | None) -> dict[str, Any] | None:
         if v is None
         else {"passed": v.passed, "max_abs": max((o.max_abs for o in v.outputs), default=0.0)},
     }
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:300] if text else type(exc).__name__
