@@ -87,9 +87,11 @@ ENV PATH=/opt/venv/bin:$PATH \
     ORT_DISABLE_TELEMETRY=1 \
     BNFOLD_HOST=0.0.0.0 \
     BNFOLD_PORT=8000 \
+    BNFOLD_GRPC_PORT=8001 \
     BNFOLD_PROVIDERS=${GPU:+cuda,}cpu
 USER 10001:10001
-EXPOSE 8000
+# 8000: REST; 8001: V2 gRPC (inference.GRPCInferenceService, grpc.health.v1)
+EXPOSE 8000 8001
 # Ready (not merely live): a model serves and no SIGTERM arrived. Python's urllib: the image carries no curl.
 HEALTHCHECK --interval=10s --timeout=5s --start-period=60s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request as u; h = os.environ.get('BNFOLD_HOST') or '127.0.0.1'; h = {'0.0.0.0': '127.0.0.1', '::': '::1'}.get(h, h); h = '[' + h + ']' if ':' in h else h; u.urlopen('http://%s:%s/v2/health/ready' % (h, os.environ.get('BNFOLD_PORT') or '8000'), timeout=4)"]

@@ -3,7 +3,7 @@
 This module runs inside MLServer's own virtualenv (it imports ``mlserver``, which the project does not depend
 on); ``benchmarks/serving.py`` copies it next to the generated ``model-settings.json`` files and puts that
 folder on ``PYTHONPATH``. The session options come from the model settings' ``parameters.extra`` so the
-benchmark gives MLServer exactly the options bnfold's runtime uses (see ``service/runtime.py:load_model``).
+benchmark gives MLServer exactly the options bnfold's runtime uses (see ``service/loading.py:load_model``).
 """
 
 from __future__ import annotations

@@ -12,9 +12,9 @@ What runs (``--rounds`` rounds; in each, every cell once, cells of one (model, c
 their order rotated every round, so drift on a noisy machine lands on all servers alike):
 
 - in-process baseline: a child process with the server's CPU pinning loads each model through the service's
-  own ``service.runtime.load_model`` with default ``Settings()`` (so: the same folded graph, session
+  own ``service.loading.load_model`` with default ``Settings()`` (so: the same folded graph, session
   options and malloc thresholds, ``service.memory``), then times, in turn, ``session.run`` alone and the
-  service's request path without HTTP (``LoadedModel.prepare`` + ``execute``: decode, validate, run, encode)
+  service's request path without HTTP (``rest_request_path``: decode, check, run, encode)
   for the JSON and the binary body;
 - ``bnfold serve --model-repository DIR --port P`` (a subprocess, default settings: no ``BNFOLD_*`` variables
   except ``BNFOLD_INTRA_OP_THREADS`` when pinned, see ``--intra-op-threads``);
@@ -89,7 +89,7 @@ INTRA_OP_NOTE = (
 TARGET_OVERHEAD_MS = {("tiny", "json"): 0.5, ("image", "binary"): 2.0}
 TARGET_RATIO = 2.5
 TARGET_RATIO_CONCURRENCY = 8
-#: bnfold's session options (service/runtime.py with default settings): what the MLServer runtime gets too;
+#: bnfold's session options (service/loading.py with default settings): what the MLServer runtime gets too;
 #: ``intra_op_num_threads`` is set per run (``--intra-op-threads``).
 SESSION_OPTIONS = {"graph_optimization_level": "all", "intra_op_num_threads": 0, "inter_op_num_threads": 1}
 
@@ -352,7 +352,8 @@ def baseline_worker(spec: dict[str, Any], cpus: set[int] | None) -> dict[str, An
     for key in [k for k in os.environ if k.startswith(("BNFOLD_", "MLSERVER_"))]:
         del os.environ[key]
     from service import memory
-    from service.runtime import ModelConfig, load_model
+    from service.loading import load_model
+    from service.model_config import ModelConfig
     from service.settings import Settings
 
     settings = Settings(model_repository=Path(spec["repository"]), intra_op_threads=spec["intra_op_threads"])
@@ -384,21 +385,41 @@ def baseline_worker(spec: dict[str, Any], cpus: set[int] | None) -> dict[str, An
     return results
 
 
+def rest_request_path(model: Any, body: bytes, header_length: int | None, max_elements: int) -> bytes:
+    """What the server does per REST request minus HTTP and the event loop: decode, check against the model,
+    run with RunOptions (as a request with a timeout), classify, encode."""
+    import onnxruntime as ort
+
+    from service.codec import parse_request
+    from service.model import Timing
+    from service.outputs import output_tensors
+    from service.rest import encode_result, raw_request
+    from service.tensors import InferResult
+    from service.validation import check_inputs, check_outputs
+
+    if header_length == 0:
+        request = raw_request(model, body, max_elements)
+    else:
+        request = parse_request(body, header_length, max_elements)
+    feeds = check_inputs(model, request)
+    names = check_outputs(model, request)
+    arrays = model.run(feeds, names, ort.RunOptions(), Timing())
+    result = InferResult(model.name, model.version, request.id, output_tensors(model, request, names, arrays))
+    payload, _ = encode_result(result)
+    return payload
+
+
 def in_process_calls(
     model: Any, feeds: dict[str, np.ndarray], bodies: dict[str, tuple[bytes, int | None]], max_elements: int
 ) -> dict[str, Callable[[], None]]:
     """``session.run`` alone, and the service's request path without HTTP for each body."""
-    import onnxruntime as ort
-
-    from service.runtime import Timing
 
     def session_run() -> None:
         model.session.run(None, feeds)
 
     def service_path(body: bytes, header_length: int | None) -> Callable[[], None]:
         def call() -> None:
-            prepared = model.prepare(body, header_length, max_elements)
-            model.execute(prepared, ort.RunOptions(), Timing())
+            rest_request_path(model, body, header_length, max_elements)
 
         return call
 

@@ -8,11 +8,11 @@ figure that decides requests/s on a busy core) and wall-clock p50.
 
 Variants (each "what if" patches the app object this script built, never the service's files):
 
-- ``service path``: ``LoadedModel.prepare`` + ``execute`` (decode, validate, run, encode), no ASGI at all;
+- ``service path``: ``benchmarks.serving.rest_request_path`` (decode, check, run, encode), no ASGI at all;
 - ``minimal FastAPI``: one route doing the same, inline, and again with ``execute`` in a thread
   (``run_in_executor``): the framework's floor and the cost of the thread hop;
 - ``bnfold app``: ``service.app.create_app`` with default settings, as served (inference answered by
-  ``service.inference.InferenceMiddleware`` ahead of FastAPI, compute threads fed by ``service.scheduler``).
+  ``service.rest.InferenceMiddleware`` ahead of FastAPI, compute threads fed by ``service.scheduler``).
 
 Earlier versions of this script also patched the app (infer routes matched first, inline scheduler, no-op
 metrics); those measurements led to the inference fast path and the queue-fed compute threads, and the
@@ -75,21 +75,22 @@ def request_body(model: Any, encoding: str) -> tuple[bytes, int | None]:
 
 def variants(repo: Path, name: str, body: bytes, header_length: int | None) -> dict[str, Any]:
     """name -> (ASGI app, needs lifespan, patch to apply after start-up)."""
-    import onnxruntime as ort
-
     import service.app as service_app
-    from service.runtime import ModelConfig, Timing, load_model
+    from benchmarks.serving import rest_request_path
+    from service.loading import load_model
+    from service.model_config import ModelConfig
     from service.settings import Settings
 
     # pinned to one CPU: one intra-op thread (ORT's default counts the machine's cores and escapes the affinity)
     pinned = len(os.sched_getaffinity(0))
-    settings = Settings(model_repository=repo, intra_op_threads=pinned if pinned < (os.cpu_count() or 1) else 0)
+    settings = Settings(
+        model_repository=repo, intra_op_threads=pinned if pinned < (os.cpu_count() or 1) else 0, grpc_port=0
+    )
     model = load_model(name, "1", repo / name / "1" / "model.onnx", ModelConfig(), settings)
     pool = __import__("concurrent.futures").futures.ThreadPoolExecutor(2)
 
     async def direct(scope: dict[str, Any], receive: Any, send: Any) -> None:
-        prepared = model.prepare(body, header_length, settings.max_elements)
-        model.execute(prepared, ort.RunOptions(), Timing())
+        rest_request_path(model, body, header_length, settings.max_elements)
         await send({"type": "http.response.start", "status": 200, "headers": []})
 
     def minimal(hop: bool) -> FastAPI:
@@ -98,18 +99,14 @@ def variants(repo: Path, name: str, body: bytes, header_length: int | None) -> d
         @app.post("/v2/models/{model_name}/infer")
         async def infer(request: Request, model_name: str) -> Response:
             data = await request.body()
-            prepared = model.prepare(data, header_length, settings.max_elements)
-            run = functools.partial(model.execute, prepared, ort.RunOptions(), Timing())
-            if hop:
-                payload, _ = await asyncio.get_running_loop().run_in_executor(pool, run)
-            else:
-                payload, _ = run()
+            run = functools.partial(rest_request_path, model, data, header_length, settings.max_elements)
+            payload = await asyncio.get_running_loop().run_in_executor(pool, run) if hop else run()
             return Response(payload, media_type="application/json")
 
         return app
 
     out: dict[str, Any] = {
-        "service path: prepare+execute, no ASGI": (direct, None),
+        "service path: decode+check+run+encode, no ASGI": (direct, None),
         "minimal FastAPI route, inline": (minimal(hop=False), None),
         "minimal FastAPI route, execute in a thread": (minimal(hop=True), None),
         "bnfold app (as served)": (service_app.create_app(settings), lambda: None),

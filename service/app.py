@@ -8,101 +8,32 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
-import secrets
 import signal
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from types import FrameType
 from typing import Any
 
-import onnxruntime as ort
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service import __version__, memory, serverinfo, webui
-from service.errors import ServiceError, Unauthorized
-from service.inference import InferenceMiddleware
-from service.metrics import Metrics
+from service import __version__, rest, routes, webui
+from service.dataplane import DataPlane
+from service.errors import BadRequest, Internal, ServiceError
 from service.protocol import InferenceRequest
-from service.repository import Repository
-from service.routes import router
-from service.runtime import LoadedModel
-from service.scheduler import Scheduler
 from service.settings import Settings
 
 log = logging.getLogger("bnfold.service")
 
 
-class Service:
-    """Everything a request handler needs, hung on ``app.state.service``."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        self.metrics = Metrics()
-        self.repository = Repository(settings, on_change=self._model_changed)
-        self.scheduler: Scheduler | None = None
-        self.started = False
-        self.draining = False
-        self._api_key = settings.api_key.get_secret_value().encode() if settings.api_key else None
-
-    @property
-    def ready(self) -> bool:
-        return self.started and not self.draining and self.repository.ready_count() > 0
-
-    def authorize(self, request: Request) -> None:
-        value = request.headers.get("authorization")
-        self.authorize_header(None if value is None else value.encode("latin-1"))
-
-    def authorize_header(self, value: bytes | None) -> None:
-        """Constant-time Bearer check when BNFOLD_API_KEY is set."""
-        if self._api_key is None:
-            return
-        scheme, _, token = (value or b"").partition(b" ")
-        if scheme.lower() != b"bearer" or not secrets.compare_digest(token.strip(), self._api_key):
-            raise Unauthorized()
-
-    def _model_changed(self, model: LoadedModel, ready: bool) -> None:
-        self.metrics.model_ready.labels(model.name, model.version, model.provider).set(1 if ready else 0)
-
-    async def start(self) -> None:
-        s = self.settings
-        ort.disable_telemetry_events()  # a server has no business phoning home (and a read-only root complains)
-        if s.reuse_large_buffers:
-            memory.reuse_large_buffers()
-        self.scheduler = Scheduler(s.max_concurrency, s.max_queue, s.retry_after_seconds)
-        scheduler = self.scheduler
-        self.metrics.in_flight.set_function(lambda: scheduler.admitted)
-        await self.repository.load_all()
-        # everything loaded so far lives as long as the process: keep the garbage collector from rescanning it
-        gc.collect()
-        gc.freeze()
-        self.started = True
-        loop, parser = serverinfo.event_loop(), serverinfo.http_parser()
-        self.metrics.server_info.labels(loop, parser).set(1)
-        log.info("event loop %s, HTTP parser %s", loop, parser)
-        log.info("ready: %d model version(s) serving", self.repository.ready_count())
-
-    async def poll(self) -> None:
-        while True:
-            await asyncio.sleep(self.settings.repository_poll_seconds)
-            try:
-                await self.repository.rescan()
-            except Exception:  # a scan must never kill the poller
-                log.exception("repository rescan failed")
-
-    def stop(self) -> None:
-        self.draining = True
-        if self.scheduler is not None:
-            self.scheduler.close()
-
-
-def _drain_on_signals(svc: Service) -> None:
-    """Chain onto the server's SIGTERM/SIGINT handlers: readiness drops the moment a signal arrives."""
+def _drain_on_signals(dataplane: DataPlane, *also: Callable[[], None]) -> None:
+    """Chain onto the server's SIGTERM/SIGINT handlers: readiness drops the moment a signal arrives (and
+    ``also`` runs: the gRPC server stops taking new calls)."""
     if threading.current_thread() is not threading.main_thread():
         return
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -111,9 +42,11 @@ def _drain_on_signals(svc: Service) -> None:
             continue
 
         def handler(signum: int, frame: FrameType | None, previous: Any = previous) -> None:
-            if not svc.draining:
+            if not dataplane.draining:
                 log.info("signal %d: readiness off, finishing in-flight requests", signum)
-            svc.draining = True
+            dataplane.draining = True
+            for fn in also:
+                fn()
             previous(signum, frame)
 
         signal.signal(sig, handler)
@@ -121,30 +54,41 @@ def _drain_on_signals(svc: Service) -> None:
 
 @contextlib.asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    svc: Service = app.state.service
-    _drain_on_signals(svc)
-    await svc.start()
-    poller = asyncio.create_task(svc.poll()) if svc.settings.repository_poll_seconds > 0 else None
+    dataplane: DataPlane = app.state.dataplane
+    if not logging.getLogger().handlers:  # a --workers process: `bnfold serve` configured only the parent
+        logging.basicConfig(format="bnfold: %(levelname)s: %(message)s")
+        logging.getLogger("bnfold").setLevel(dataplane.settings.log_level.upper())
+    grpc = None
+    if dataplane.settings.grpc_port:
+        from service.grpc_server import GrpcTransport  # noqa: PLC0415  (grpc stays unloaded when it is off)
+
+        grpc = GrpcTransport(dataplane)
+    _drain_on_signals(dataplane, *([grpc.drain] if grpc else []))
+    await dataplane.start()
+    if grpc is not None:
+        await grpc.start()
+    poller = asyncio.create_task(dataplane.poll()) if dataplane.settings.repository_poll_seconds > 0 else None
     try:
         yield
     finally:
-        svc.draining = True
+        dataplane.draining = True
         if poller is not None:
             poller.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await poller
-        svc.stop()
+        if grpc is not None:
+            await grpc.stop()  # after uvicorn drained REST; gRPC has been draining since the signal
+        dataplane.stop()
 
 
-def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
-    return Response(
-        orjson.dumps({"error": message}), status_code=status, media_type="application/json", headers=headers
-    )
+def error_response(exc: ServiceError) -> Response:
+    status, headers, body = rest.encode_error(exc)
+    return Response(body, status_code=status, headers={k.decode(): v.decode() for k, v in headers})
 
 
-def create_app(settings: Settings | None = None) -> InferenceMiddleware:
+def create_app(settings: Settings | None = None) -> rest.InferenceMiddleware:
     """The ASGI application: inference requests answered first, everything else by the FastAPI app
-    (``.app`` of the returned object; its ``state.service`` holds the models)."""
+    (``.app`` of the returned object; its ``state.dataplane`` holds the models)."""
     settings = settings or Settings()
     app = FastAPI(
         title="bnfold",
@@ -152,45 +96,52 @@ def create_app(settings: Settings | None = None) -> InferenceMiddleware:
         summary="Open Inference Protocol V2 (KServe/Triton REST) over ONNX Runtime, BatchNorm folded on load.",
         lifespan=lifespan,
     )
-    app.state.service = Service(settings)
-    app.include_router(router)
+    app.state.dataplane = DataPlane(settings)
+    app.include_router(routes.router)
     webui.mount(app, settings)  # `/` and /ui/*: the web page (BNFOLD_UI)
 
     @app.exception_handler(ServiceError)
     async def _service_error(request: Request, exc: ServiceError) -> Response:
-        return error_response(exc.status, exc.message, exc.headers)
+        return error_response(exc)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> Response:
         first = exc.errors()[0] if exc.errors() else {"msg": "invalid request"}
         where = ".".join(str(p) for p in first.get("loc", ()))
-        return error_response(400, f"{where}: {first.get('msg')}" if where else str(first.get("msg")))
+        return error_response(BadRequest(f"{where}: {first.get('msg')}" if where else str(first.get("msg"))))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> Response:
-        return error_response(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
+        # routing's own answers (404 no such path, 405 wrong method): HTTP statuses with no dataplane meaning
+        body = orjson.dumps({"error": " ".join(str(exc.detail).split())})
+        return Response(body, exc.status_code, getattr(exc, "headers", None), media_type="application/json")
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> Response:
         log.exception("internal error on %s %s", request.method, request.url.path)
-        return error_response(500, "internal error (logged on the server)")
+        return error_response(Internal())
 
     _document_inference_request(app)
-    return InferenceMiddleware(app, app.state.service)  # POST .../infer ahead of FastAPI (see its docstring)
+    return rest.InferenceMiddleware(app, app.state.dataplane)  # POST .../infer ahead of FastAPI (see rest.py)
 
 
 def _document_inference_request(app: FastAPI) -> None:
     """The infer routes read the raw body (JSON or binary); publish the JSON request schema they accept."""
-    original = app.openapi
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema:
             return app.openapi_schema
-        schema = original()
+        schema = get_openapi(
+            title=app.title,
+            version=app.version,
+            summary=app.summary,
+            routes=[*app.routes, *routes.infer_schema.routes],
+        )
         defs = InferenceRequest.model_json_schema(ref_template="#/components/schemas/{model}")
         components = schema.setdefault("components", {}).setdefault("schemas", {})
         components.update(defs.pop("$defs", {}))
         components["InferenceRequest"] = defs
+        app.openapi_schema = schema
         return schema
 
     app.openapi = openapi  # type: ignore[method-assign]

@@ -50,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--port", "--http-port", type=int, help="HTTP port (default 8000)")
     serve.add_argument("--workers", type=int, help="server processes (default 1)")
+    serve.add_argument("--grpc-port", type=int, help="V2 gRPC port (default 8001; 0: no gRPC)")
     serve.set_defaults(run=_run_serve)
     return parser
 
@@ -76,6 +77,7 @@ def _run_serve(args: argparse.Namespace) -> int:
         "host": args.host,
         "port": args.port,
         "workers": args.workers,
+        "grpc_port": args.grpc_port,
     }
     try:
         settings = Settings(**{k: v for k, v in overrides.items() if v is not None})

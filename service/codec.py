@@ -13,87 +13,28 @@ from __future__ import annotations
 
 import math
 import struct
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import orjson
-from numpy.typing import NDArray
 
 from service import fastjson, fields
+from service.datatypes import DATATYPES, v2_datatype
 from service.errors import BadRequest
+from service.tensors import Array, InferRequest, InputTensor, OutputRequest, OutputTensor
 
-Array = NDArray[Any]
-
-#: V2 datatype -> numpy dtype (little-endian).
-DATATYPES: dict[str, np.dtype[Any]] = {
-    "BOOL": np.dtype(np.bool_),
-    "UINT8": np.dtype("<u1"),
-    "UINT16": np.dtype("<u2"),
-    "UINT32": np.dtype("<u4"),
-    "UINT64": np.dtype("<u8"),
-    "INT8": np.dtype("<i1"),
-    "INT16": np.dtype("<i2"),
-    "INT32": np.dtype("<i4"),
-    "INT64": np.dtype("<i8"),
-    "FP16": np.dtype("<f2"),
-    "FP32": np.dtype("<f4"),
-    "FP64": np.dtype("<f8"),
-    "BYTES": np.dtype(object),
-}
-
-#: ONNX Runtime type string -> V2 datatype.
-ORT_TO_V2 = {
-    "tensor(bool)": "BOOL",
-    "tensor(uint8)": "UINT8",
-    "tensor(uint16)": "UINT16",
-    "tensor(uint32)": "UINT32",
-    "tensor(uint64)": "UINT64",
-    "tensor(int8)": "INT8",
-    "tensor(int16)": "INT16",
-    "tensor(int32)": "INT32",
-    "tensor(int64)": "INT64",
-    "tensor(float16)": "FP16",
-    "tensor(float)": "FP32",
-    "tensor(double)": "FP64",
-    "tensor(string)": "BYTES",
-}
+__all__ = [
+    "DATATYPES",
+    "InferRequest",
+    "InputTensor",
+    "OutputRequest",
+    "OutputTensor",
+    "encode_response",
+    "parse_request",
+]
 
 _LEN = struct.Struct("<I")
 MAX_RANK = 32
-
-
-@dataclass
-class InputTensor:
-    name: str
-    datatype: str
-    shape: tuple[int, ...]
-    array: Array
-
-
-@dataclass
-class OutputRequest:
-    name: str
-    binary: bool
-    classification: int = 0
-
-
-@dataclass
-class InferRequest:
-    inputs: list[InputTensor]
-    outputs: list[OutputRequest] | None = None  # None: every output
-    id: str | None = None
-    binary_output: bool = False  # the request's binary_data_output
-    timeout_us: int | None = None
-    parameters: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class OutputTensor:
-    name: str
-    array: Array
-    binary: bool
-    datatype: str | None = None  # derived from the array when None
 
 
 # ------------------------------------------------------------------------------------------------ decode
@@ -303,17 +244,6 @@ def _output_request(item: object, where: str, default_binary: bool) -> OutputReq
 
 
 # ------------------------------------------------------------------------------------------------ encode
-def v2_datatype(array: Array) -> str:
-    if array.dtype == object or array.dtype.kind in "SU":
-        return "BYTES"
-    for name, dtype in DATATYPES.items():
-        if name != "BYTES" and array.dtype == dtype:
-            return name
-    if array.dtype.kind in "iuf":  # big-endian or other byte orders
-        return v2_datatype(array.astype(array.dtype.newbyteorder("<")))
-    raise ValueError(f"no V2 datatype for {array.dtype}")
-
-
 def binary_bytes(array: Array, datatype: str) -> bytes:
     if datatype == "BYTES":
         parts = []

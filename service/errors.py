@@ -1,11 +1,15 @@
-"""One error base carrying its HTTP status; the handler turns any of them into ``{"error": "<one line>"}``."""
+"""What can go wrong with a request, by meaning. Each class names a ``kind``; each transport has one table
+from kind to its own status (REST: HTTP status in :mod:`service.rest`; gRPC: status code in
+:mod:`service.grpc_server`), and one encoder. Nothing here knows a status code."""
 
 from __future__ import annotations
 
 
 class ServiceError(Exception):
-    status = 500
-    headers: dict[str, str] | None = None
+    """A request that cannot be answered with a result. The message is one line, fit to show the client."""
+
+    kind = "internal"
+    retry_after: int | None = None
 
     def __init__(self, message: str) -> None:
         super().__init__(" ".join(message.split()))  # one line, always
@@ -15,53 +19,78 @@ class ServiceError(Exception):
         return str(self.args[0])
 
 
+class Internal(ServiceError):
+    """A server fault (logged with its traceback on the server; the client sees a fixed line)."""
+
+    def __init__(self, message: str = "internal error (logged on the server)") -> None:
+        super().__init__(message)
+
+
 class BadRequest(ServiceError):
     """The client's request is malformed or does not fit the model."""
 
-    status = 400
+    kind = "invalid_argument"
 
 
 class Unauthorized(ServiceError):
-    status = 401
+    """BNFOLD_API_KEY is set and the request's Bearer token is missing or wrong."""
+
+    kind = "unauthenticated"
 
     def __init__(self, message: str = "missing or wrong API key (Authorization: Bearer <key>)") -> None:
         super().__init__(message)
-        self.headers = {"WWW-Authenticate": "Bearer"}
 
 
 class NotFound(ServiceError):
-    status = 404
+    """No such model, or no such version of it."""
+
+    kind = "not_found"
 
 
 class RequestTimeout(ServiceError):
     """The body did not arrive in time (a slow client must not hold a queue place forever)."""
 
-    status = 408
+    kind = "body_timeout"
 
 
 class PayloadTooLarge(ServiceError):
-    status = 413
+    """The request is larger than BNFOLD_MAX_BODY_BYTES (or inflates beyond it)."""
+
+    kind = "too_large"
 
 
 class UnsupportedEncoding(ServiceError):
-    status = 415
+    """A content encoding the server does not speak."""
+
+    kind = "unsupported_encoding"
 
 
 class Unavailable(ServiceError):
-    """Not ready, draining, or the queue is full: try again later."""
+    """Not ready or draining: try again later (perhaps elsewhere)."""
 
-    status = 503
+    kind = "unavailable"
 
     def __init__(self, message: str, retry_after: int | None = None) -> None:
         super().__init__(message)
-        if retry_after is not None:
-            self.headers = {"Retry-After": str(retry_after)}
+        self.retry_after = retry_after
+
+
+class Busy(Unavailable):
+    """Every place in the queue is taken: try again after ``retry_after`` seconds."""
+
+    kind = "busy"
 
 
 class Timeout(ServiceError):
-    """The request's V2 ``timeout`` parameter expired before its result was ready."""
+    """The request's deadline (V2 ``timeout`` parameter, gRPC deadline) expired before its result was ready."""
 
-    status = 504
+    kind = "deadline_exceeded"
+
+
+class ClientGone(ServiceError):
+    """The client went away (disconnected, cancelled) before it was answered: nobody to answer."""
+
+    kind = "cancelled"
 
 
 class ModelLoadError(Exception):

@@ -143,12 +143,15 @@ def launch(
     timeout: float = 120,
     name: str = "bnfold",
     own_session: bool = False,
+    grpc_port: int = 0,
 ) -> ServerProcess:
     """Start ``command ARGS`` and wait until every ``ready`` path answers 200 (none: do not wait).
 
-    With the default command (``bnfold serve``), ``--port`` is added: ``port``, or a free one. With another
-    command, pass the ``port`` it listens on. ``env`` is the whole environment (default: this process's);
-    ``cpus`` pins the server with ``taskset``; ``own_session`` starts it in a new session, so that
+    With the default command (``bnfold serve``), ``--port`` is added: ``port``, or a free one; and
+    ``--grpc-port``: ``grpc_port``, 0 (no gRPC) by default, since 8001 would be shared by every server started
+    this way (unless ARGS or the environment name a gRPC port). With another command, pass the ``port`` it
+    listens on. ``env`` is the whole environment (default: this process's); ``cpus`` pins the server with
+    ``taskset``; ``own_session`` starts it in a new session, so that
     :meth:`ServerProcess.stop` signals the server and every worker process it forks.
     """
     if port is None:
@@ -156,6 +159,8 @@ def launch(
     argv = [*command, *args]
     if tuple(command) == SERVE:
         argv += ["--port", str(port)]
+        if "--grpc-port" not in argv and "BNFOLD_GRPC_PORT" not in (os.environ if env is None else env):
+            argv += ["--grpc-port", str(grpc_port)]
     if cpus:
         argv = ["taskset", "-c", ",".join(str(c) for c in sorted(cpus)), *argv]
     if log is None:
@@ -195,7 +200,7 @@ def serving(args: Sequence[str] = (), **kwargs: Any) -> Iterator[ServerProcess]:
 class ThreadServer:
     """An app served by uvicorn in a thread of this process (see :func:`in_thread`)."""
 
-    app: Any  # the ASGI app from create_app; ``app.app.state.service`` holds the models
+    app: Any  # the ASGI app from create_app; ``app.app.state.dataplane`` holds the models
     port: int
     host: str = "127.0.0.1"
 
@@ -211,11 +216,16 @@ class ThreadServer:
 @contextlib.contextmanager
 def in_thread(settings: Settings | None = None, timeout: float = 120) -> Iterator[ThreadServer]:
     """Serve ``create_app(settings)`` with uvicorn in a thread, on a free port of 127.0.0.1 (``settings.port``
-    is ignored); yields once the lifespan has started, i.e. once the models are loaded."""
+    is ignored; gRPC runs only when ``settings`` sets ``grpc_port`` explicitly); yields once the lifespan has
+    started, i.e. once the models are loaded."""
     import uvicorn  # noqa: PLC0415  (the launcher itself needs no web stack)
 
     from service.app import create_app  # noqa: PLC0415
+    from service.settings import Settings  # noqa: PLC0415
 
+    settings = settings or Settings()
+    if "grpc_port" not in settings.model_fields_set:
+        settings = settings.model_copy(update={"grpc_port": 0})
     app = create_app(settings)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))  # bound here and handed to uvicorn: no race for the port

@@ -1,4 +1,5 @@
-"""Prometheus metrics of inference requests (health probes and metadata are not counted).
+"""Prometheus metrics of inference requests (health probes and metadata are not counted), labelled with the
+transport that served them (``rest``, ``grpc``); failures with the error's kind (:mod:`service.errors`).
 
 Each app gets its own registry, so several apps in one process (tests) do not collide. With several worker
 processes, each process exports its own figures; scrape through the container or sum per instance.
@@ -14,7 +15,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 
 __all__ = ["CONTENT_TYPE", "Metrics"]
 
-LABELS = ("model", "version", "provider")
+LABELS = ("model", "version", "provider", "transport")
 # from 100 µs (tiny models) to 10 s (big ones on a slow CPU)
 BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -28,13 +29,13 @@ class Bound:
     queue_seconds: Any
     compute_seconds: Any
     _failure: Any
-    _labels: tuple[str, str, str]
-    _by_status: dict[int, Any] = field(default_factory=dict)
+    _labels: tuple[str, str, str, str]
+    _by_kind: dict[str, Any] = field(default_factory=dict)
 
-    def failure(self, status: int) -> Any:
-        child = self._by_status.get(status)
+    def failure(self, kind: str) -> Any:
+        child = self._by_kind.get(kind)
         if child is None:
-            child = self._by_status[status] = self._failure.labels(*self._labels, str(status))
+            child = self._by_kind[kind] = self._failure.labels(*self._labels, kind)
         return child
 
 
@@ -43,10 +44,10 @@ class Metrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.success = Counter("bnfold_inference_success", "Successful inference requests", LABELS, registry=r)
-        self.failure = Counter("bnfold_inference_failure", "Failed inference requests", (*LABELS, "status"), registry=r)
+        self.failure = Counter("bnfold_inference_failure", "Failed inference requests", (*LABELS, "error"), registry=r)
         self.request_seconds = Histogram(
             "bnfold_request_duration_seconds",
-            "Inference request time, body read to response",
+            "Inference request time, admission to answer",
             LABELS,
             buckets=BUCKETS,
             registry=r,
@@ -57,7 +58,9 @@ class Metrics:
         self.compute_seconds = Histogram(
             "bnfold_compute_duration_seconds", "ONNX Runtime run time", LABELS, buckets=BUCKETS, registry=r
         )
-        self.in_flight = Gauge("bnfold_requests_in_flight", "Inference requests admitted and not answered", registry=r)
+        self.in_flight = Gauge(
+            "bnfold_requests_in_flight", "Inference requests admitted and not answered (all transports)", registry=r
+        )
         self.model_ready = Gauge(
             "bnfold_model_ready", "1 when the model version serves", ("model", "version", "provider"), registry=r
         )
@@ -68,10 +71,10 @@ class Metrics:
             registry=r,
         )
 
-        self._bound: dict[tuple[str, str, str], Bound] = {}
+        self._bound: dict[tuple[str, str, str, str], Bound] = {}
 
-    def bind(self, model: str, version: str, provider: str) -> Bound:
-        key = (model, version, provider)
+    def bind(self, model: str, version: str, provider: str, transport: str) -> Bound:
+        key = (model, version, provider, transport)
         bound = self._bound.get(key)
         if bound is None:
             bound = self._bound[key] = Bound(

@@ -4,18 +4,13 @@ shapes, without building pydantic objects for every number)."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-Datatype = Literal[
-    "BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64", "FP16", "FP32", "FP64", "BYTES"
-]
+from service.datatypes import Datatype
 
 TensorData = list[Any] | bool | float | int | str
-
-#: Protocol extensions this server implements, as reported in server metadata.
-EXTENSIONS = ["binary_tensor_data", "classification"]
 
 
 class RequestInput(BaseModel):

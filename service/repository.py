@@ -16,7 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from service.errors import ModelLoadError, NotFound, Unavailable
-from service.runtime import LoadedModel, ModelConfig, ProviderError, load_model
+from service.loading import ProviderError, load_model
+from service.model import LoadedModel
+from service.model_config import ModelConfig
 from service.settings import Settings
 
 log = logging.getLogger("bnfold.service")

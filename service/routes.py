@@ -1,22 +1,19 @@
-"""The HTTP layer: parse the transport details, call the runtime through the scheduler, encode. Nothing else.
-
-Content-Type is never used to route a request (tritonclient sends none): a body is binary-framed exactly when
-``Inference-Header-Content-Length`` is present (0 means a raw single-input body).
+"""The REST transport's FastAPI routes: health, metadata, config and metrics, each a thin call into the
+:class:`~service.dataplane.DataPlane`. Inference is answered ahead of FastAPI by :mod:`service.rest`; its
+routes are declared here only for the OpenAPI schema (:data:`infer_schema`, never mounted for routing).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from service import __version__, inference
-from service.errors import ServiceError
+from service.dataplane import DataPlane
 from service.metrics import CONTENT_TYPE
 from service.protocol import (
-    EXTENSIONS,
     Error,
     InferenceResponse,
     Live,
@@ -25,9 +22,6 @@ from service.protocol import (
     Ready,
     ServerMetadata,
 )
-
-if TYPE_CHECKING:
-    from service.app import Service
 
 router = APIRouter()
 
@@ -46,9 +40,14 @@ INFER_ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-def service(request: Request) -> Service:
-    svc: Service = request.app.state.service
-    return svc
+def dataplane(request: Request) -> DataPlane:
+    plane: DataPlane = request.app.state.dataplane
+    return plane
+
+
+def credentials(request: Request) -> bytes | None:
+    value = request.headers.get("authorization")
+    return None if value is None else value.encode("latin-1")
 
 
 def json_response(payload: Any, status: int = 200) -> Response:
@@ -57,8 +56,8 @@ def json_response(payload: Any, status: int = 200) -> Response:
 
 # ------------------------------------------------------------------------------------ server endpoints
 @router.get("/v2", response_model=ServerMetadata, tags=["server"])
-async def server_metadata() -> Response:
-    return json_response({"name": "bnfold", "version": __version__, "extensions": [*EXTENSIONS]})
+async def server_metadata(request: Request) -> Response:
+    return json_response(dataplane(request).server_metadata())
 
 
 @router.get("/v2/health/live", response_model=Live, tags=["health"])
@@ -68,13 +67,13 @@ async def live() -> Response:
 
 @router.get("/v2/health/ready", response_model=Ready, responses={503: {"model": Ready}}, tags=["health"])
 async def ready(request: Request) -> Response:
-    ok = service(request).ready
+    ok = dataplane(request).ready
     return json_response({"ready": ok}, 200 if ok else 503)
 
 
 @router.get("/metrics", tags=["health"], response_class=Response)
 async def metrics(request: Request) -> Response:
-    return Response(service(request).metrics.export(), media_type=CONTENT_TYPE)
+    return Response(dataplane(request).metrics.export(), media_type=CONTENT_TYPE)
 
 
 # ------------------------------------------------------------------------------------- model endpoints
@@ -96,10 +95,7 @@ async def model_version_metadata(request: Request, model_name: str, model_versio
 
 
 def _metadata(request: Request, name: str, version: str | None) -> Response:
-    svc = service(request)
-    svc.authorize(request)
-    model = svc.repository.get(name, version)
-    return json_response(model.metadata(svc.repository.models[name].versions()))
+    return json_response(dataplane(request).model_metadata(name, version, credentials(request)))
 
 
 @router.get("/v2/models/{model_name}/ready", response_model=ModelReady, responses=ERRORS, tags=["models"])
@@ -118,16 +114,8 @@ async def model_version_ready(request: Request, model_name: str, model_version: 
 
 
 def _ready(request: Request, name: str, version: str | None) -> Response:
-    svc = service(request)
-    svc.authorize(request)
-    try:
-        model = svc.repository.get(name, version)
-    except ServiceError as exc:
-        if exc.status != 503:
-            raise
-        return json_response({"name": name, "version": version, "ready": False}, 503)
-    ok = not svc.draining
-    return json_response({"name": model.name, "version": model.version, "ready": ok}, 200 if ok else 503)
+    name, version, ok = dataplane(request).model_ready(name, version, credentials(request))
+    return json_response({"name": name, "version": version, "ready": ok}, 200 if ok else 503)
 
 
 @router.get("/v2/models/{model_name}/config", responses=ERRORS, tags=["models"])
@@ -141,9 +129,7 @@ async def model_version_config(request: Request, model_name: str, model_version:
 
 
 def _config(request: Request, name: str, version: str | None) -> Response:
-    svc = service(request)
-    svc.authorize(request)
-    return json_response(svc.repository.get(name, version).triton_config())
+    return json_response(dataplane(request).model_config(name, version, credentials(request)))
 
 
 # ------------------------------------------------------------------------------------------- inference
@@ -170,31 +156,27 @@ INFER_DOC = {
 }
 
 
-@router.post(
+#: Declared for the OpenAPI schema only: :class:`service.rest.InferenceMiddleware` answers these paths.
+infer_schema = APIRouter()
+
+
+@infer_schema.post(
     "/v2/models/{model_name}/infer",
     response_model=InferenceResponse,
     responses=INFER_ERRORS,
     openapi_extra=INFER_DOC,
     tags=["inference"],
 )
-async def infer(request: Request, model_name: str) -> Response:
-    return await _infer(request, model_name, None)
+async def infer(model_name: str) -> None:
+    """Run the model on the request's inputs."""
 
 
-@router.post(
+@infer_schema.post(
     "/v2/models/{model_name}/versions/{model_version}/infer",
     response_model=InferenceResponse,
     responses=INFER_ERRORS,
     openapi_extra=INFER_DOC,
     tags=["inference"],
 )
-async def infer_version(request: Request, model_name: str, model_version: str) -> Response:
-    return await _infer(request, model_name, model_version)
-
-
-async def _infer(request: Request, model_name: str, model_version: str | None) -> Response:
-    """Reached only without :class:`service.inference.InferenceMiddleware` in front (it answers first)."""
-    status, headers, body = await inference.handle(
-        service(request), model_name, model_version, request.scope, request.receive
-    )
-    return Response(body, status_code=status, headers={k.decode(): v.decode() for k, v in headers})
+async def infer_version(model_name: str, model_version: str) -> None:
+    """Run this version of the model on the request's inputs."""

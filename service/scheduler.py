@@ -1,11 +1,12 @@
 """Bounded concurrency for inference: ``max_concurrency`` compute threads fed by one FIFO queue.
 
 A request is *admitted* before its body is read; when ``max_concurrency + max_queue`` requests are already
-admitted the answer is 503 with ``Retry-After`` at once, so overload never turns into unbounded memory or
-latency (a body must also arrive within ``body_timeout_seconds``). Admitted requests queue (FIFO) for the
-compute threads; the blocking work runs there, never on the event loop. A V2 ``timeout`` covers the wait and
-the computation: a job still queued at its deadline is answered 504 without running, a running inference is
-stopped through ONNX Runtime's ``RunOptions.terminate``.
+admitted the answer is :class:`~service.errors.Busy` at once (REST 503 with ``Retry-After``), so overload
+never turns into unbounded memory or latency (a body must also arrive within ``body_timeout_seconds``).
+Admitted requests queue (FIFO) for the compute threads; the blocking work runs there, never on the event
+loop. A deadline (V2 ``timeout``, gRPC deadline) covers the wait and the computation: a job still queued at
+its deadline is answered :class:`~service.errors.Timeout` without running, a running inference is stopped
+through ONNX Runtime's ``RunOptions.terminate``.
 
 The threads are plain ones reading a ``queue.SimpleQueue`` and answering through ``call_soon_threadsafe``:
 ``run_in_executor`` plus an asyncio semaphore cost about twice as much per request, which on a small model
@@ -20,13 +21,40 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-from service.errors import Timeout, Unavailable
+from service.errors import Busy, Timeout
+from service.model import Timing
+
+if TYPE_CHECKING:
+    import onnxruntime as ort
+
+    from service.model import LoadedModel
+    from service.tensors import Array
 
 T = TypeVar("T")
 log = logging.getLogger("bnfold.service")
+
+
+@dataclass
+class Work(Generic[T]):
+    """One request's computation: validated feeds in, the transport's encoded answer out.
+
+    This is the unit a per-model batcher would take instead of the scheduler's threads: it can read
+    ``feeds`` and ``outputs`` of several works, run the model once on their concatenation, split the arrays
+    per request and call each work's ``finish`` (classification and transport encoding of that request).
+    """
+
+    model: LoadedModel
+    feeds: dict[str, Array]
+    outputs: list[str]
+    finish: Callable[[list[Array]], T]
+    run_options: ort.RunOptions | None = None
+    timing: Timing = field(default_factory=Timing)
+
+    def __call__(self) -> T:
+        return self.finish(self.model.run(self.feeds, self.outputs, self.run_options, self.timing))
 
 
 @dataclass
@@ -61,9 +89,9 @@ class Scheduler:
             thread.start()
 
     def admit(self) -> None:
-        """Take a place for one request, or refuse with 503 when every place is taken; :meth:`release` it."""
+        """Take a place for one request, or refuse (:class:`Busy`) when every place is taken; :meth:`release` it."""
         if self.admitted >= self.limit:
-            raise Unavailable(
+            raise Busy(
                 f"server busy: {self.admitted} requests in flight (limit {self.limit}); retry later",
                 retry_after=self.retry_after,
             )

@@ -30,6 +30,13 @@ class Settings(BaseSettings):
 
     host: str = Field("127.0.0.1", description="Address to listen on (the container image sets 0.0.0.0).")
     port: int = Field(8000, ge=0, le=65535, description="TCP port to listen on.")
+    grpc_port: int = Field(
+        8001,
+        ge=0,
+        le=65535,
+        description="TCP port of the V2 gRPC API (`inference.GRPCInferenceService` and `grpc.health.v1`) on the "
+        "same host; 0 turns gRPC off.",
+    )
     workers: int = Field(1, ge=1, le=64, description="Server processes; each loads every model.")
     model: Path | None = Field(
         None,

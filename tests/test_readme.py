@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from service.settings import settings_table
-from tests.service.servers import Server, start
+from tests.service.servers import Server, free_port, start
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
@@ -82,12 +82,18 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def served(workdir: Path) -> Iterator[Server]:
     """`bnfold serve &` as the quick start runs it (no arguments: the bundled digits model)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("BNFOLD_")}
-    srv = start(workdir, env=env)
+    grpc_port = free_port()  # the README's gRPC example talks to localhost:8001
+    srv = start(workdir, env={**env, "BNFOLD_GRPC_PORT": str(grpc_port)})
+    GRPC_ADDRESS[srv.port] = f"127.0.0.1:{grpc_port}"
     yield srv
     assert srv.stop() == 0
 
 
+GRPC_ADDRESS: dict[int, str] = {}
+
+
 def local(text: str, server: Server) -> str:
+    text = text.replace("localhost:8001", GRPC_ADDRESS.get(server.port, "localhost:8001"))
     return text.replace("localhost:8000", server.address).replace("127.0.0.1:8000", server.address)
 
 

@@ -19,6 +19,7 @@ def test_page_and_its_files_are_served(ui_server: Server) -> None:
         assert page.headers["content-type"].startswith("text/html")
         assert "default-src 'self'" in page.headers["content-security-policy"]
         assert '<script src="ui/app.js" defer></script>' in page.text
+        assert c.head("/").status_code == 200
         for name, kind in (("app.js", "javascript"), ("app.css", "text/css"), ("digits.json", "application/json")):
             r = c.get(f"/ui/{name}")
             assert r.status_code == 200 and kind in r.headers["content-type"], name
@@ -40,7 +41,7 @@ def test_ui_false_makes_the_root_a_404() -> None:
 
 def test_invalid_preprocessing_in_config_is_refused(tmp_path: Path) -> None:
     from service.errors import ModelLoadError
-    from service.runtime import ModelConfig
+    from service.model_config import ModelConfig
 
     path = tmp_path / "config.json"
     path.write_text(json.dumps({"std": [0.2, 0.0, 0.2]}))

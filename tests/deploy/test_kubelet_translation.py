@@ -38,7 +38,7 @@ def test_the_deployment_runs_as_declared(tmp_path: Path) -> None:
         "--tmpfs /tmp:size=67108864,mode=1777 ",
         ":/mnt/models:ro ",
         "-p 127.0.0.1:1:8080 -p 127.0.0.1:2:9000 ",
-        "img:test bnfold serve --model-name=digits --http-port=8080 /mnt/models",
+        "img:test bnfold serve --model-name=digits --http-port=8080 --grpc-port=9000 /mnt/models",
     ):
         assert part in argv + " ", part
     assert "--network" not in argv  # its own network namespace, as a pod

@@ -144,6 +144,7 @@ def test_the_command_line_and_environment_are_ones_bnfold_serve_accepts(where: s
     assert args[:2] == ["bnfold", "serve"]
     parsed = build_parser().parse_args([a.replace("{{.Name}}", "model-name") for a in args[1:]])
     assert parsed.port == 8080 and parsed.model == Path("/mnt/models") and parsed.model_name
+    assert parsed.grpc_port == 9000  # KServe's gRPC port (kserve-tritonserver: --grpc-port=9000)
     env = env_of(container)
     known = {f"BNFOLD_{name.upper()}" for name in Settings.model_fields}
     assert set(env) <= known, set(env) - known  # bnfold serve refuses or warns about unknown BNFOLD_ variables

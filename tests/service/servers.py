@@ -16,25 +16,12 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from service.app import Service
+from service.dataplane import DataPlane
+from service.datatypes import V2_TYPES as DATATYPE_ROWS
 from service.launcher import LIVE, READY, ServerProcess, ThreadServer, free_port, in_thread, launch
 from service.settings import BUNDLED_REPOSITORY, Settings
 
-V2_TYPES = {
-    "BOOL": TensorProto.BOOL,
-    "UINT8": TensorProto.UINT8,
-    "UINT16": TensorProto.UINT16,
-    "UINT32": TensorProto.UINT32,
-    "UINT64": TensorProto.UINT64,
-    "INT8": TensorProto.INT8,
-    "INT16": TensorProto.INT16,
-    "INT32": TensorProto.INT32,
-    "INT64": TensorProto.INT64,
-    "FP16": TensorProto.FLOAT16,
-    "FP32": TensorProto.FLOAT,
-    "FP64": TensorProto.DOUBLE,
-    "BYTES": TensorProto.STRING,
-}
+V2_TYPES = {name: row.onnx for name, row in DATATYPE_ROWS.items()}
 
 
 def save(model: onnx.ModelProto, repo: Path, name: str, version: int = 1, config: str | None = None) -> Path:
@@ -117,8 +104,8 @@ class InThread(ThreadServer):
         return httpx.Client(**{"base_url": self.url, "timeout": 30, **kw})  # type: ignore[arg-type]
 
     @property
-    def service(self) -> Service:
-        return self.app.app.state.service  # type: ignore[no-any-return]
+    def service(self) -> DataPlane:
+        return self.app.app.state.dataplane  # type: ignore[no-any-return]
 
 
 def start(tmp: Path, *args: str, env: dict[str, str] | None = None, ready: bool = True, timeout: float = 90) -> Server:
@@ -127,6 +114,7 @@ def start(tmp: Path, *args: str, env: dict[str, str] | None = None, ready: bool 
     ``env`` is added to this process's environment (and BNFOLD_WARMUP_RUNS=1).
     """
     port = free_port()
+    # gRPC off unless a test asks for it (BNFOLD_GRPC_PORT in env): its default port 8001 is shared by all
     full_env = {**os.environ, "BNFOLD_WARMUP_RUNS": "1", **(env or {})}
     launched = launch(
         args, port=port, env=full_env, log=tmp / f"server-{port}.log", ready=READY if ready else LIVE, timeout=timeout
@@ -137,7 +125,7 @@ def start(tmp: Path, *args: str, env: dict[str, str] | None = None, ready: bool 
 @contextlib.contextmanager
 def in_process(**settings: Any) -> Iterator[InThread]:
     """``create_app(Settings(**settings))`` served in a thread of the test process (warm-up: one run)."""
-    with in_thread(Settings(**{"warmup_runs": 1, **settings})) as srv:
+    with in_thread(Settings(**{"warmup_runs": 1, "grpc_port": 0, **settings})) as srv:
         yield InThread(srv.app, srv.port)
 
 

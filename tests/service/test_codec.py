@@ -12,7 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tritonclient.http._infer_result import InferResult
 
-from service.codec import DATATYPES, OutputTensor, encode_response, parse_request
+from service.codec import OutputTensor, encode_response, parse_request
+from service.datatypes import DATATYPES
 from service.errors import BadRequest
 from tests.service.triton import triton_body
 

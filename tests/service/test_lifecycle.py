@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from service import cli
-from service.app import Service
+from service.dataplane import DataPlane
 from service.settings import BUNDLED_REPOSITORY, Settings, unknown_variables
 from tests.reliability.helpers import metric, wait_until
 from tests.service.servers import in_process, slow_model, start
@@ -79,7 +79,7 @@ def test_readiness_drops_the_moment_a_signal_arrives() -> None:
     """The app chains onto the server's SIGTERM handler: readiness goes first, then the server's own handler."""
     from service.app import _drain_on_signals
 
-    svc = Service(Settings())
+    svc = DataPlane(Settings())
     svc.started = True
     svc.repository.ready_count = lambda: 1  # type: ignore[method-assign]
     assert svc.ready
@@ -195,7 +195,8 @@ def test_two_workers(tmp_path: Path) -> None:
 def test_intra_op_threads_zero_means_the_cpus_this_process_may_use(tmp_path: Path, setting: int, expected: int) -> None:
     import onnx
 
-    from service.runtime import ModelConfig, load_model
+    from service.loading import load_model
+    from service.model_config import ModelConfig
 
     path = tmp_path / "model.onnx"
     onnx.save(slow_model(8, 1), str(path))

@@ -13,11 +13,12 @@ import os
 import platform
 import subprocess
 import sys
+import threading
 
 import pytest
 
 from service import memory
-from service.app import Service
+from service.dataplane import DataPlane
 from service.settings import Settings
 
 pytestmark = pytest.mark.skipif(
@@ -59,7 +60,10 @@ def test_an_operator_malloc_threshold_wins() -> None:
 def test_service_start_applies_the_setting(monkeypatch: pytest.MonkeyPatch, setting: bool) -> None:
     calls: list[bool] = []
     monkeypatch.setattr(memory, "reuse_large_buffers", lambda: calls.append(True) or True)
-    svc = Service(Settings(reuse_large_buffers=setting))
-    asyncio.run(svc.start())
+    svc = DataPlane(Settings(reuse_large_buffers=setting))
+    # a thread of its own: a browser test's sync Playwright may have left an event loop running in this thread
+    starter = threading.Thread(target=asyncio.run, args=(svc.start(),))
+    starter.start()
+    starter.join()
     svc.stop()
     assert calls == ([True] if setting else [])

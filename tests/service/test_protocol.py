@@ -278,7 +278,7 @@ def test_metrics_count_inference_not_probes(server: InThread, tmp_path: Path) ->
     text = after.text
     assert value(text, "bnfold_inference_success_total") - value(before, "bnfold_inference_success_total") == 1
     assert value(text, "bnfold_inference_failure_total") - value(before, "bnfold_inference_failure_total") == 1
-    assert 'status="400"' in text
+    assert 'error="invalid_argument"' in text and 'transport="rest"' in text
     for name in (
         "bnfold_request_duration_seconds_count",
         "bnfold_queue_duration_seconds_count",

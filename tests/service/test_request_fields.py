@@ -254,7 +254,13 @@ def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def app(repository: Path) -> Iterator[InProcess]:
     """The ASGI app in this process, started (models loaded) and stopped through its own lifespan."""
     asgi = create_app(
-        Settings(model_repository=repository, warmup_runs=1, reuse_large_buffers=False, repository_poll_seconds=0)
+        Settings(
+            model_repository=repository,
+            warmup_runs=1,
+            reuse_large_buffers=False,
+            repository_poll_seconds=0,
+            grpc_port=0,
+        )
     )
     loop = asyncio.new_event_loop()
     span = lifespan(asgi.app)

@@ -1,13 +1,15 @@
-"""``POST /v2/models/{m}[/versions/{v}]/infer`` as a plain ASGI handler, ahead of FastAPI's routing.
+"""The REST transport's inference path: ``POST /v2/models/{m}[/versions/{v}]/infer`` as a plain ASGI handler
+ahead of FastAPI, and the one REST error encoder (kind -> HTTP status, ``{"error": "<one line>"}``).
 
 Why not a FastAPI route: measured on a 1×20 model, FastAPI's routing, request object and response machinery
 cost ~0.3 ms of CPU per request, five times the decode + ONNX Runtime + encode work itself
 (benchmarks/serving_breakdown.py). :class:`InferenceMiddleware` answers inference requests before FastAPI
-sees them; everything else (metadata, health, metrics, /docs) goes through FastAPI. The FastAPI infer routes
-in :mod:`service.routes` still exist, for the OpenAPI schema, and call the same :func:`handle`.
+sees them; everything else (metadata, health, metrics, /docs) goes through FastAPI (:mod:`service.routes`).
 
-Content-Type is never used to route a request (tritonclient sends none): a body is binary-framed exactly when
-``Inference-Header-Content-Length`` is present (0 means a raw single-input body).
+This module only reads the body, decodes it (:mod:`service.codec`), calls :meth:`DataPlane.infer
+<service.dataplane.DataPlane.infer>` and encodes. Content-Type is never used to route a request
+(tritonclient sends none): a body is binary-framed exactly when ``Inference-Header-Content-Length`` is
+present (0 means a raw single-input body).
 """
 
 from __future__ import annotations
@@ -15,29 +17,40 @@ from __future__ import annotations
 import asyncio
 import functools
 import gzip
-import logging
 import re
-import time
 import zlib
 from collections.abc import Awaitable, Callable, MutableMapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import onnxruntime as ort
+import numpy as np
 import orjson
 
-from service.errors import BadRequest, PayloadTooLarge, RequestTimeout, ServiceError, UnsupportedEncoding
-from service.runtime import Timing
-
-if TYPE_CHECKING:
-    from service.app import Service
-
-log = logging.getLogger("bnfold.service")
+from service.codec import decode_binary_data, element_count, encode_response, parse_request
+from service.dataplane import DataPlane
+from service.datatypes import DATATYPES
+from service.errors import (
+    BadRequest,
+    Busy,
+    ClientGone,
+    Internal,
+    NotFound,
+    PayloadTooLarge,
+    RequestTimeout,
+    ServiceError,
+    Timeout,
+    Unauthorized,
+    Unavailable,
+    UnsupportedEncoding,
+)
+from service.model import LoadedModel
+from service.tensors import InferRequest, InferResult, InputTensor
 
 Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 Headers = list[tuple[bytes, bytes]]
 
+TRANSPORT = "rest"
 INFER_PATH = re.compile(r"/v2/models/([^/]+)(?:/versions/([^/]+))?/infer")
 DECODE_IN_THREAD_BYTES = 256 << 10  # larger bodies are decoded off the event loop
 COMPRESS_MIN_BYTES = 1024
@@ -51,27 +64,52 @@ WANTED = {
     b"accept-encoding",
 }
 
+#: Error kind -> HTTP status.
+HTTP_STATUS: dict[str, int] = {
+    BadRequest.kind: 400,
+    Unauthorized.kind: 401,
+    NotFound.kind: 404,
+    RequestTimeout.kind: 408,
+    PayloadTooLarge.kind: 413,
+    UnsupportedEncoding.kind: 415,
+    ClientGone.kind: 499,  # never sent: nobody is there to read it
+    Internal.kind: 500,
+    Unavailable.kind: 503,
+    Busy.kind: 503,
+    Timeout.kind: 504,
+}
 
-class ClientGone(Exception):
-    """The client disconnected before its body arrived: there is nobody to answer."""
+
+def encode_error(exc: ServiceError) -> tuple[int, Headers, bytes]:
+    """The REST answer to any :class:`ServiceError`: status, headers, ``{"error": message}``."""
+    headers = list(JSON)
+    if isinstance(exc, Unauthorized):
+        headers.append((b"www-authenticate", b"Bearer"))
+    if exc.retry_after is not None:
+        headers.append((b"retry-after", b"%d" % exc.retry_after))
+    return HTTP_STATUS.get(exc.kind, 500), headers, orjson.dumps({"error": exc.message})
 
 
 class InferenceMiddleware:
     """The outermost ASGI layer: inference requests here, everything else (lifespan too) to ``app``."""
 
-    def __init__(self, app: Any, svc: Service) -> None:
+    def __init__(self, app: Any, dataplane: DataPlane) -> None:
         self.app = app
-        self.svc = svc
+        self.dataplane = dataplane
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        match = None
-        if scope["type"] == "http" and scope["method"] == "POST":
-            match = INFER_PATH.fullmatch(scope["path"])
+        match = INFER_PATH.fullmatch(scope["path"]) if scope["type"] == "http" else None
         if match is None:
             await self.app(scope, receive, send)
             return
+        if scope["method"] != "POST":
+            body = orjson.dumps({"error": "Method Not Allowed"})
+            headers = [*JSON, (b"allow", b"POST"), (b"content-length", b"%d" % len(body))]
+            await send({"type": "http.response.start", "status": 405, "headers": headers})
+            await send({"type": "http.response.body", "body": body})
+            return
         try:
-            status, headers, body = await handle(self.svc, match.group(1), match.group(2), scope, receive)
+            status, headers, body = await handle(self.dataplane, match.group(1), match.group(2), scope, receive)
         except ClientGone:
             return
         headers.append((b"content-length", b"%d" % len(body)))
@@ -79,67 +117,61 @@ class InferenceMiddleware:
         await send({"type": "http.response.body", "body": body})
 
 
-def error(exc: ServiceError) -> tuple[int, Headers, bytes]:
-    headers = list(JSON)
-    for key, value in (exc.headers or {}).items():
-        headers.append((key.lower().encode(), value.encode()))
-    return exc.status, headers, orjson.dumps({"error": exc.message})
-
-
 async def handle(
-    svc: Service, name: str, version: str | None, scope: Scope, receive: Receive
+    dataplane: DataPlane, name: str, version: str | None, scope: Scope, receive: Receive
 ) -> tuple[int, Headers, bytes]:
-    """One inference request: (status, headers, body). Client mistakes are 4xx; nothing here raises them."""
-    started = time.monotonic()
+    """One inference request: (status, headers, body). Raises only ClientGone (nobody to answer)."""
     headers = {k: v for k, v in scope["headers"] if k in WANTED}
+    settings = dataplane.settings
+
+    async def decode(model: LoadedModel) -> InferRequest:
+        body = await read_body(receive, headers, settings.max_body_bytes, settings.body_timeout_seconds)
+        header_length = _header_length(headers.get(b"inference-header-content-length"))
+        if header_length == 0:
+            return raw_request(model, body, settings.max_elements)
+        if len(body) > DECODE_IN_THREAD_BYTES:
+            parse = functools.partial(parse_request, body, header_length, settings.max_elements)
+            return await asyncio.get_running_loop().run_in_executor(None, parse)
+        return parse_request(body, header_length, settings.max_elements)
+
     try:
-        svc.authorize_header(headers.get(b"authorization"))
-        model = svc.repository.get(name, version)
-    except ServiceError as exc:
-        return error(exc)
-    scheduler = svc.scheduler
-    assert scheduler is not None
-    bound = svc.metrics.bind(model.name, model.version, model.provider)
-    try:
-        scheduler.admit()
-        try:
-            body = await read_body(receive, headers, svc.settings.max_body_bytes, svc.settings.body_timeout_seconds)
-            header_length = _header_length(headers.get(b"inference-header-content-length"))
-            prepare = functools.partial(model.prepare, body, header_length, svc.settings.max_elements)
-            if len(body) > DECODE_IN_THREAD_BYTES:
-                prepared = await asyncio.get_running_loop().run_in_executor(None, prepare)
-            else:
-                prepared = prepare()
-            timeout = prepared.request.timeout_us
-            timing = Timing()
-            if timeout is None:
-                options, deadline, stop = None, None, None
-            else:
-                options, deadline = ort.RunOptions(), started + timeout / 1e6
-                stop = functools.partial(setattr, options, "terminate", True)
-            run = functools.partial(model.execute, prepared, options, timing)
-            (payload, json_length), queued = await scheduler.run(run, deadline, stop)
-        finally:
-            scheduler.release()
-    except ServiceError as exc:
-        bound.failure(exc.status).inc()
-        return error(exc)
+        payload, json_length = await dataplane.infer(
+            name, version, headers.get(b"authorization"), TRANSPORT, decode, encode_result
+        )
     except ClientGone:
-        bound.failure(499).inc()
         raise
-    except Exception:
-        bound.failure(500).inc()
-        log.exception("internal error in inference of %s/%s", model.name, model.version)
-        return 500, list(JSON), orjson.dumps({"error": "internal error (logged on the server)"})
+    except ServiceError as exc:
+        return encode_error(exc)
     out = list(JSON) if json_length is None else [*BINARY, (b"inference-header-content-length", b"%d" % json_length)]
     payload, encoding = compress(payload, headers.get(b"accept-encoding", b""))
     if encoding is not None:
         out.append((b"content-encoding", encoding))
-    bound.success.inc()
-    bound.queue_seconds.observe(queued)
-    bound.compute_seconds.observe(timing.compute_seconds)
-    bound.request_seconds.observe(time.monotonic() - started)
     return 200, out, payload
+
+
+def encode_result(result: InferResult) -> tuple[bytes, int | None]:
+    return encode_response(result.model_name, result.model_version, result.id, result.outputs)
+
+
+def raw_request(model: LoadedModel, body: bytes, max_elements: int) -> InferRequest:
+    """Triton's raw binary request: the whole body is the single input (batch 1); outputs binary."""
+    if len(model.inputs) != 1:
+        raise BadRequest(f"a raw binary request needs a single-input model; '{model.name}' has {len(model.inputs)}")
+    spec = model.inputs[0]
+    shape = [1 if (i == 0 and model.max_batch_size > 0 and d < 0) else d for i, d in enumerate(spec.shape)]
+    if spec.datatype == "BYTES":
+        shape = [1] * len(shape)
+    unknown = [i for i, d in enumerate(shape) if d < 0]
+    if len(unknown) > 1:
+        raise BadRequest(f"a raw binary request cannot infer the shape {list(spec.shape)} of '{spec.name}'")
+    if unknown and spec.datatype != "BYTES":
+        known = int(np.prod([d for d in shape if d >= 0])) * DATATYPES[spec.datatype].itemsize
+        if known == 0 or len(body) % known:
+            raise BadRequest(f"raw body of {len(body)} bytes does not fit the shape {list(spec.shape)}")
+        shape[unknown[0]] = len(body) // known
+    dims, count = element_count(spec.name, shape, max_elements)
+    array = decode_binary_data(spec.name, spec.datatype, dims, count, memoryview(body))
+    return InferRequest(inputs=[InputTensor(spec.name, spec.datatype, dims, array)], binary_output=True)
 
 
 def _header_length(value: bytes | None) -> int | None:
@@ -172,7 +204,7 @@ async def read_body(receive: Receive, headers: dict[bytes, bytes], limit: int, t
             while True:
                 message = await receive()
                 if message["type"] == "http.disconnect":
-                    raise ClientGone()
+                    raise ClientGone("the client disconnected before its body arrived")
                 chunk = message.get("body", b"")
                 size += len(chunk)
                 if size > limit:

@@ -1,0 +1,86 @@
+"""One loaded model version: its ONNX Runtime session, the tensors it takes and gives, and the blocking call.
+
+:meth:`LoadedModel.run` is the only place a request reaches ONNX Runtime; it runs in a compute thread (see
+:mod:`service.scheduler`), never on the event loop. Loading lives in :mod:`service.loading`, checking a
+request against the model in :mod:`service.validation`, shaping the outputs in :mod:`service.outputs`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import onnxruntime as ort
+from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
+
+from converter.errors import first_line
+from service.errors import BadRequest, Internal, Timeout
+from service.settings import PROVIDER_NAMES
+from service.tensors import Array
+
+if TYPE_CHECKING:
+    from converter import Report
+    from service.model_config import ModelConfig
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    datatype: str
+    shape: tuple[int, ...]  # -1 for a dynamic dim
+
+    def metadata(self) -> dict[str, Any]:
+        return {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}
+
+
+@dataclass
+class Timing:
+    compute_seconds: float = 0.0
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    version: str
+    path: Path
+    session: ort.InferenceSession
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    max_batch_size: int
+    providers: list[str]
+    requested_providers: list[str]
+    config: ModelConfig
+    fold: Report | None = None
+    load_seconds: float = 0.0
+    inputs_by_name: dict[str, TensorSpec] = field(init=False)
+    outputs_by_name: dict[str, TensorSpec] = field(init=False)
+    output_names: list[str] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.inputs_by_name = {t.name: t for t in self.inputs}
+        self.outputs_by_name = {t.name: t for t in self.outputs}
+        self.output_names = [t.name for t in self.outputs]
+
+    @property
+    def provider(self) -> str:
+        """The provider that runs most of the graph: the first active one, short name."""
+        first = self.providers[0] if self.providers else "CPUExecutionProvider"
+        return next((k for k, v in PROVIDER_NAMES.items() if v == first), first)
+
+    def run(
+        self, feeds: dict[str, Array], names: list[str], run_options: ort.RunOptions | None, timing: Timing
+    ) -> list[Array]:
+        """ONNX Runtime on validated feeds (blocking). ``run_options.terminate`` set meanwhile: Timeout."""
+        start = time.perf_counter()
+        try:
+            return self.session.run(names, feeds, run_options)  # type: ignore[no-any-return]
+        except ort_state.InvalidArgument as exc:
+            raise BadRequest(f"model '{self.name}' rejected the inputs: {first_line(exc)}") from None
+        except ort_state.Fail as exc:
+            if run_options is not None and run_options.terminate:
+                raise Timeout("request timeout expired during inference") from None
+            raise Internal(f"inference failed: {first_line(exc)}") from None
+        finally:
+            timing.compute_seconds = time.perf_counter() - start

@@ -1,0 +1,46 @@
+"""``DIR/<name>/config.json``: a model's own settings (batch size, labels, providers, folding)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from service.errors import ModelLoadError
+
+
+class ModelConfig(BaseModel):
+    """``DIR/<name>/config.json``: every field optional."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_batch_size: int | None = Field(
+        None,
+        ge=0,
+        description="Largest batch (first dim) accepted; 0: no batch dimension. Default 1 when the "
+        "first dim is dynamic, else 0.",
+    )
+    labels: dict[str, list[str]] = Field(default_factory=dict, description="Class labels per output name.")
+    providers: list[str] | None = Field(
+        None, description="Execution providers for this model (overrides BNFOLD_PROVIDERS)."
+    )
+    fold_on_load: bool | None = Field(None, description="Overrides BNFOLD_FOLD_ON_LOAD for this model.")
+    # How the web page turns a picture or a drawing into the input tensor: pixels read as 0..1, times scale,
+    # then (x - mean[c]) / std[c]; layout says where the channels are. The service itself never applies them.
+    scale: float | None = Field(None, description="Image inputs: factor for pixel values read as 0..1 (default 1).")
+    mean: list[float] | None = Field(None, description="Image inputs: per-channel mean, subtracted after scale.")
+    std: list[Annotated[float, Field(gt=0)]] | None = Field(
+        None, description="Image inputs: per-channel standard deviation, divided by after the mean."
+    )
+    layout: Literal["NCHW", "NHWC"] | None = Field(None, description="Image inputs: where the channels are.")
+
+    @classmethod
+    def read(cls, path: Path) -> ModelConfig:
+        if not path.exists():
+            return cls()
+        try:
+            return cls.model_validate_json(path.read_bytes())
+        except (OSError, ValidationError) as exc:
+            first = str(exc).replace("\n", " ")[:300]
+            raise ModelLoadError(f"{path}: invalid config ({first})") from None
