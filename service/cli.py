@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import logging.config
 import os
 import signal
 import sys
@@ -38,10 +39,16 @@ def build_parser() -> argparse.ArgumentParser:
         "Every setting can also come from the environment (BNFOLD_HOST, BNFOLD_PORT, ...; see docs/serving.md); "
         "flags win over the environment. With no model and no repository: the bundled `digits` model.",
     )
-    serve.add_argument("model", nargs="?", type=Path, help="one ONNX file to serve (model name: its file stem)")
+    serve.add_argument(
+        "model",
+        nargs="?",
+        type=Path,
+        help="one ONNX model to serve: a file, or a directory holding exactly one .onnx file (KServe's /mnt/models)",
+    )
+    serve.add_argument("--model-name", help="name to serve that one model under (default: its file stem)")
     serve.add_argument("--model-repository", type=Path, help="repository DIR/<name>/<version>/model.onnx")
     serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
-    serve.add_argument("--port", type=int, help="port (default 8000)")
+    serve.add_argument("--port", "--http-port", type=int, help="HTTP port (default 8000)")
     serve.add_argument("--workers", type=int, help="server processes (default 1)")
     serve.add_argument("--grpc-port", type=int, help="V2 gRPC port (default 8001; 0: no gRPC)")
     serve.set_defaults(run=_run_serve)
@@ -52,8 +59,10 @@ def _run_serve(args: argparse.Namespace) -> int:
     # imported here: convert/inspect start faster and lighter without the web stack and pydantic
     from pydantic import ValidationError  # noqa: PLC0415
 
+    from service.logging_setup import json_from_the_start  # noqa: PLC0415
     from service.settings import Settings, unknown_variables  # noqa: PLC0415
 
+    json_from_the_start()  # the warnings below already in the log format asked for
     try:
         for name in unknown_variables():
             log.warning("%s names no bnfold setting; ignored", name)
@@ -63,6 +72,7 @@ def _run_serve(args: argparse.Namespace) -> int:
 
     overrides: dict[str, Any] = {
         "model": args.model,
+        "model_name": args.model_name,
         "model_repository": args.model_repository,
         "host": args.host,
         "port": args.port,
@@ -76,8 +86,17 @@ def _run_serve(args: argparse.Namespace) -> int:
         where = ".".join(str(p) for p in first["loc"])
         sys.stderr.write(f"bnfold: error: setting {where}: {first['msg']}\n")
         return 2
-    if settings.model is not None and not settings.model.is_file():
-        sys.stderr.write(f"bnfold: error: {settings.model}: no such model file\n")
+    if settings.model is not None:
+        from service.errors import ModelLoadError  # noqa: PLC0415
+        from service.repository import single_model_file  # noqa: PLC0415
+
+        try:
+            single_model_file(settings.model)
+        except ModelLoadError as exc:
+            sys.stderr.write(f"bnfold: error: {exc}\n")
+            return 2
+    if settings.model_name is not None and settings.model is None:
+        sys.stderr.write("bnfold: error: --model-name (BNFOLD_MODEL_NAME) names the single model: give MODEL too\n")
         return 2
     if settings.model is None and not settings.model_repository.is_dir():
         sys.stderr.write(f"bnfold: error: {settings.model_repository}: model repository not found\n")
@@ -90,12 +109,20 @@ def serve(settings: Settings, overrides: dict[str, Any] | None = None) -> int:
     import uvicorn  # noqa: PLC0415  (convert/inspect do not need the web stack)
 
     logging.getLogger("bnfold").setLevel(settings.log_level.upper())
+    if settings.log_format == "json":
+        from service.logging_setup import json_log_config  # noqa: PLC0415
+
+        log_config: dict[str, Any] = json_log_config(settings.log_level)
+        logging.config.dictConfig(log_config)  # this process now; uvicorn applies it again (and in each worker)
+    else:
+        log_config = uvicorn.config.LOGGING_CONFIG
     # uvicorn re-raises the signal it shut down on; a handler here makes that a clean exit (code 0)
     signal.signal(signal.SIGTERM, lambda *_: None)
     common: dict[str, Any] = {
         "host": settings.host,
         "port": settings.port,
         "log_level": settings.log_level,
+        "log_config": log_config,
         "access_log": False,
         # no proxy-header rewriting (nothing here trusts X-Forwarded-*); no per-response Server/Date work
         "proxy_headers": False,

@@ -58,6 +58,40 @@ def discover(root: Path) -> dict[str, dict[int, Path]]:
     return found
 
 
+def single_model_file(path: Path) -> Path:
+    """The ONNX file a single-model path names: the path itself, or the one ``.onnx`` file under a directory.
+
+    KServe's storage initializer copies a ``storageUri`` into ``/mnt/models``: a file lands as
+    ``/mnt/models/<file>``, a folder's contents below it. Hidden entries are skipped (a ConfigMap volume holds
+    ``..data/`` and timestamped folders besides its links); more than one ``.onnx`` file is an error, not a guess.
+    """
+    if path.is_file():
+        return path
+    if not path.is_dir():
+        raise ModelLoadError(f"{path}: no such model file or directory")
+    found = sorted(p for p in _visible_files(path) if p.suffix == ".onnx")
+    if len(found) != 1:
+        listed = ", ".join(str(p.relative_to(path)) for p in found[:5])
+        raise ModelLoadError(
+            f"{path}: a single model directory must hold exactly one .onnx file, found {len(found)}"
+            + (f" ({listed})" if found else "")
+            + "; give the file, or a repository with --model-repository"
+        )
+    return found[0]
+
+
+def _visible_files(root: Path) -> list[Path]:
+    files: list[Path] = []
+    for entry in root.iterdir():
+        if entry.name.startswith("."):
+            continue
+        if entry.is_dir() and not entry.is_symlink():  # a linked folder could loop
+            files.extend(_visible_files(entry))
+        elif entry.is_file():
+            files.append(entry)
+    return files
+
+
 def version_number(text: str) -> int | None:
     """A version is a positive decimal integer in ASCII ('²' is a digit to str.isdigit, not to int)."""
     if not (text.isascii() and text.isdigit()) or len(text) > 18 or int(text) == 0:
@@ -108,15 +142,18 @@ class Repository:
     # ------------------------------------------------------------------------------------------ loading
     def sources(self) -> dict[str, dict[int, Path]]:
         if self.settings.model is not None:
-            path = self.settings.model
-            name = re.sub(r"[^A-Za-z0-9_.\-]", "_", path.stem) or "model"
+            try:
+                path = single_model_file(self.settings.model)
+            except ModelLoadError:
+                return {}  # gone since start-up: a rescan unloads it
+            name = self.settings.model_name or re.sub(r"[^A-Za-z0-9_.\-]", "_", path.stem) or "model"
             return {name: {1: path}}
         return discover(self.settings.model_repository)
 
     async def load_all(self) -> None:
         """Load every version found (at start-up); failures leave that version not ready."""
-        if self.settings.model is not None and not self.settings.model.is_file():
-            raise ModelLoadError(f"{self.settings.model}: no such model file")
+        if self.settings.model is not None:
+            single_model_file(self.settings.model)  # raises with the reason
         if self.settings.model is None and not self.settings.model_repository.is_dir():
             raise ModelLoadError(f"{self.settings.model_repository}: model repository not found")
         for name, versions in self.sources().items():

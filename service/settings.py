@@ -39,7 +39,10 @@ class Settings(BaseSettings):
     )
     workers: int = Field(1, ge=1, le=64, description="Server processes; each loads every model.")
     model: Path | None = Field(
-        None, description="Serve this one ONNX file (as model `<file stem>`, version 1) instead of a repository."
+        None,
+        description="Serve this one ONNX model (version 1) instead of a repository: a file, or a directory holding "
+        "exactly one `.onnx` file at any depth (KServe's `/mnt/models`; hidden entries such as a ConfigMap's "
+        "`..data` are skipped). Model name: `BNFOLD_MODEL_NAME`, else the file stem.",
     )
     model_repository: Path = Field(
         BUNDLED_REPOSITORY,
@@ -100,6 +103,15 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
     ui: bool = Field(
         True, description="Serve the web page at `/` (the models at a glance; try them in a browser); `false`: 404."
+    )
+    model_name: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$",
+        description="Name of the single model given by `BNFOLD_MODEL` (KServe passes the InferenceService name); "
+        "unset: the file stem.",
+    )
+    log_format: Literal["text", "json"] = Field(
+        "text", description="`json`: one JSON object per log line on stderr (time, level, logger, message)."
     )
 
     @field_validator("providers", mode="before")

@@ -51,12 +51,16 @@ CI_LINES = r"^bash \.\./shared/docker/|^BASE_IMAGE=bnfold-base:local "
 
 #: Commands that CI runs as such, outside pytest: (pattern, where).
 RUN_BY_CI = [
-    (r"^pip install torch==2\.13\.0 -e \"\.\[dev,torch\]\" && python -m pytest$", ".ci/run runs it verbatim"),
+    (
+        r"^pip install torch==2\.13\.0 -e \"\.\[dev,torch,tensorflow\]\" && python -m pytest$",
+        ".ci/run runs it verbatim",
+    ),
     (r"^(docker|docker-compose|docker compose) ", "scripts/docker-smoke (run by .ci/run)"),
     (r"^python -m pytest tests/reliability$", "part of the full test run"),
     (r'^python -m pytest -m "not slow"$', "part of the full test run"),
     (CI_LINES, ".ci/run runs it verbatim (test_ci_lines_are_verbatim)"),
     (r"^python -m benchmarks\.", "test_benchmark_commands_name_real_scripts_and_flags (benchmarks run by hand)"),
+    (r"^IMAGE=bnfold:smoke scripts/(kubelet-check|scale-out-check)$", ".ci/run runs them after docker-smoke"),
 ]
 
 
@@ -147,6 +151,9 @@ GRPC_ADDRESS: dict[int, str] = {}
 
 def local(text: str, server: Server) -> str:
     text = text.replace("localhost:8001", GRPC_ADDRESS.get(server.port, "localhost:8001"))
+    # docs/kubernetes.md's client goes through a cluster's ingress: here, straight to the server (the Host header
+    # KServe routes on is ignored by bnfold itself)
+    text = text.replace("INGRESS_HOST:INGRESS_PORT", server.address)
     return text.replace("localhost:8000", server.address).replace("127.0.0.1:8000", server.address)
 
 
