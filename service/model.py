@@ -21,6 +21,7 @@ from service.tensors import Array
 
 if TYPE_CHECKING:
     from converter import Report
+    from service.batcher import BatchPolicy
     from service.model_config import ModelConfig
 
 
@@ -39,7 +40,7 @@ class Timing:
     compute_seconds: float = 0.0
 
 
-@dataclass
+@dataclass(eq=False)  # identity: a loaded version is one object (and a dict key, e.g. for its batcher)
 class LoadedModel:
     name: str
     version: str
@@ -53,6 +54,7 @@ class LoadedModel:
     config: ModelConfig
     fold: Report | None = None
     load_seconds: float = 0.0
+    batching: BatchPolicy | None = None  # dynamic batching (service.batcher); None: each request runs alone
     inputs_by_name: dict[str, TensorSpec] = field(init=False)
     outputs_by_name: dict[str, TensorSpec] = field(init=False)
     output_names: list[str] = field(init=False)
