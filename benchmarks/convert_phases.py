@@ -81,7 +81,7 @@ def instrument(phases: Phases) -> None:
     import onnx
     import onnxruntime
 
-    from converter import graph, modelio, pipeline, verify
+    from converter import core, graph, modelio, rewrite, verify
 
     targets: list[tuple[Any, str, str]] = [
         (modelio, "load", "modelio.load"),
@@ -89,14 +89,15 @@ def instrument(phases: Phases) -> None:
         (onnx, "load", "onnx.load"),
         (onnx, "load_model", "onnx.load_model"),
         (onnx.checker, "check_model", "onnx.checker.check_model"),
-        (pipeline, "rewrite", "pipeline.rewrite"),
-        (pipeline, "ValueInfo", "shape inference (ValueInfo)"),
-        (pipeline, "_fold_all", "pipeline._fold_all"),
+        (core, "rewrite", "rewrite.rewrite"),
+        (rewrite, "ValueInfo", "shape inference (ValueInfo)"),
+        (rewrite, "_fold_all", "rewrite._fold_all"),
         (graph.Graph, "prune", "Graph.prune"),
         (graph.Graph, "commit", "Graph.commit"),
         (modelio.Staged, "write", "Staged.write"),
         (onnx, "save_model", "onnx.save_model"),
-        (pipeline, "_verify", "pipeline._verify"),
+        (core, "_verify", "core._verify"),
+        (core, "verify", "verify.verify"),
         (verify, "session", "ORT session"),
         (onnxruntime.InferenceSession, "run", "ORT run"),
     ]

@@ -22,7 +22,6 @@ import os
 import re
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,20 +30,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from benchmarks._harness import FIXED_BODY_LUA, ROOT, clean_env, model_ready_paths, parse_cpus, start_server
 from benchmarks.environment import emit, git_state, host
-from benchmarks.serving import (
-    LUA,
-    ROOT,
-    Bench,
-    Server,
-    clean_env,
-    free_port,
-    parse_cpus,
-    pinned,
-    prepare_models,
-    run_wrk,
-    versions,
-)
+from benchmarks.serving import Bench, infer_url, prepare_models, versions, wrk_cell
+from service.launcher import ServerProcess
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "event_loop.json"
 VARIANTS = ("uvloop+httptools", "asyncio+h11")
@@ -58,7 +47,7 @@ CELLS = (
 )
 
 
-def start(tmp: Path, variant: str, cpus: set[int] | None, threads: int) -> Server:
+def start(tmp: Path, variant: str, cpus: set[int] | None, threads: int) -> ServerProcess:
     env = clean_env(**({"BNFOLD_INTRA_OP_THREADS": str(threads)} if threads else {}))
     if variant == "asyncio+h11":
         blocked = tmp / "blocked"
@@ -66,17 +55,10 @@ def start(tmp: Path, variant: str, cpus: set[int] | None, threads: int) -> Serve
         for name in ("uvloop", "httptools"):
             (blocked / f"{name}.py").write_text("raise ImportError('shadowed by benchmarks.event_loop')\n")
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(blocked), str(ROOT), env.get("PYTHONPATH", "")) if p)
-    port = free_port()
-    log = tmp / f"{variant}.log"
-    cmd = [sys.executable, "-m", "service", "serve", "--model-repository", str(tmp / "bnfold"), "--port", str(port)]
-    with log.open("wb") as f:
-        proc = subprocess.Popen(
-            pinned(cmd, cpus), cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    return Server(variant, port, proc, log)
+    return start_server(tmp, variant, ["--model-repository", str(tmp / "bnfold")], cpus=cpus, env=env)
 
 
-def server_info(server: Server) -> str:
+def server_info(server: ServerProcess) -> str:
     """``loop+http`` as the server's own bnfold_server_info metric reports it."""
     with urllib.request.urlopen(server.url + "/metrics", timeout=10) as r:
         text = r.read().decode()
@@ -101,29 +83,28 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     rounds: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="bnfold-event-loop-") as name:
         tmp = Path(name)
-        (tmp / "post.lua").write_text(LUA)
+        (tmp / "post.lua").write_text(FIXED_BODY_LUA)
         benches = {b.name: b for b in prepare_models(tmp, "conv224")}
         servers = {v: start(tmp, v, server_cpus, threads) for v in VARIANTS}
         try:
             for s in servers.values():
-                s.wait_ready(list(benches), 300)
+                s.wait_ready(model_ready_paths(list(benches)), 300)
             reported = {v: server_info(s) for v, s in servers.items()}
             if reported != {v: v for v in VARIANTS}:
                 raise RuntimeError(f"the servers run {reported}, not what their names say")
             for model, enc, c in CELLS:  # warm-up
                 for v in VARIANTS:
-                    run_wrk(
-                        tmp / "post.lua", servers[v].infer_url(model), benches[model], enc, c, args.warmup, client_cpus
-                    )
+                    url = infer_url(servers[v], model)
+                    wrk_cell(tmp / "post.lua", url, benches[model], enc, c, args.warmup, client_cpus)
             for r in range(args.rounds):
                 cells: dict[str, Any] = {}
                 for model, enc, c in CELLS:
                     order = VARIANTS if r % 2 == 0 else VARIANTS[::-1]
                     for v in order:
                         s = servers[v]
-                        w = run_wrk(
+                        w = wrk_cell(
                             tmp / "post.lua",
-                            s.infer_url(model),
+                            infer_url(s, model),
                             benches[model],
                             enc,
                             c,

@@ -9,15 +9,8 @@ torch.export file given to :func:`convert_file` or ``bnfold convert``.
 """
 
 from converter.errors import ConversionError, InputError, VerificationError
-from converter.pipeline import (
-    BN_MODES,
-    ConversionResult,
-    Options,
-    convert,
-    convert_file,
-    convert_torch,
-    inspect_model,
-)
+from converter.options import BN_MODES, Options
+from converter.pipeline import ConversionResult, convert, convert_file, convert_torch, inspect_model
 from converter.report import Counts, LayerRecord, Report
 from converter.verify import TOLERANCES, Verification
 

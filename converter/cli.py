@@ -3,10 +3,10 @@
 The input is an ONNX file, or a PyTorch file (TorchScript from ``torch.jit.save``, ExportedProgram from
 ``torch.export.save``; recognised by content) that is exported to ONNX first and also verified against PyTorch.
 
-Exit codes: 0 success; 2 bad input or options, or a model that cannot be converted as asked; 3 verification
-failed (nothing written); 1 an internal error (a bug: please report it with the traceback); 130 interrupted by
-SIGINT (Ctrl-C) and 143 by SIGTERM, the staged output removed either way (128 + the signal number, as a shell
-reports a process the signal ended).
+Exit codes: 0 success; 2 bad input or options (sample files included), or a model that cannot be converted as
+asked; 3 verification failed (nothing written; the report names the first diverging node); 1 an internal error
+(a bug: please report it with the traceback); 130 interrupted by SIGINT (Ctrl-C) and 143 by SIGTERM, the staged
+output removed either way (128 + the signal number, as a shell reports a process the signal ended).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 import signal
 import sys
 import threading
@@ -24,7 +25,8 @@ from types import FrameType
 from converter import torch_export
 from converter.errors import ConversionError, InputError, VerificationError
 from converter.modelio import staged
-from converter.pipeline import BN_MODES, Options, convert_file, inspect_model
+from converter.options import BN_MODES, Options
+from converter.pipeline import convert_file, inspect_model
 from converter.report import Report
 from converter.verify import TOLERANCES, InputShapes
 
@@ -76,6 +78,20 @@ def _common(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--fp16", action="store_true", help="write a float16 model (inputs and outputs stay float32)")
     p.add_argument("--fp16-io", action="store_true", help="with --fp16: float16 inputs and outputs too")
+    p.add_argument(
+        "--inputs",
+        action="append",
+        metavar="FILE",
+        help="real inputs to verify on, each sample batch-of-one (repeatable): .npz with one array per model "
+        "input (leading axis = samples), a .npy, a directory of them, or a V2 inference request .json",
+    )
+    p.add_argument("--no-random", action="store_true", help="with --inputs: skip the seeded random inputs")
+    p.add_argument(
+        "--trace",
+        action="store_true",
+        help="name the first node whose output differs between original and converted, even when verification "
+        "passes (done anyway when it fails)",
+    )
 
 
 def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -112,7 +128,9 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     insp = sub.add_parser(
         "inspect",
         help="show what a conversion would do, without writing",
-        description="Show which BatchNorms a conversion would fold, keep or rewrite, and why. Writes nothing.",
+        description="Show which BatchNorms a conversion would fold, keep or rewrite, and why, and how ready the "
+        "folded weights are for float16 and INT8. Writes nothing; verifies (exit 3 on failure) only with "
+        "--inputs or --trace.",
     )
     _common(insp)
     insp.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -120,6 +138,14 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
 
 
 def _options(args: argparse.Namespace, verify: bool) -> Options:
+    for name in ("atol", "rtol"):
+        value = getattr(args, name, None)
+        if value is not None and not value >= 0:
+            raise InputError(f"--{name} must be a non-negative number")
+    if args.fp16_io and not args.fp16:
+        raise InputError("--fp16-io needs --fp16")
+    if args.no_random and not args.inputs:
+        raise InputError("--no-random needs --inputs")
     return Options(
         bn=args.bn,
         verify=verify,
@@ -129,6 +155,9 @@ def _options(args: argparse.Namespace, verify: bool) -> Options:
         fp16=args.fp16,
         fp16_io=args.fp16_io,
         seed=getattr(args, "seed", 0),
+        inputs=tuple(args.inputs or ()),
+        random=not args.no_random,
+        trace=args.trace,
     )
 
 
@@ -166,6 +195,13 @@ def _convert(args: argparse.Namespace) -> int:
     if args.output is None and not args.in_place:
         raise InputError("give an output file with -o OUT, or --in-place to overwrite the input")
     options = _options(args, verify=not args.no_verify)
+    src = Path(args.input)
+    if args.output is not None and not args.in_place:
+        out = Path(args.output)
+        if out.exists() and src.exists() and os.path.samefile(src, out):
+            raise InputError(f"{out}: refusing to overwrite the input without --in-place")
+    if args.in_place and torch_export.sniff(src) is not None:
+        raise InputError(f"{src}: --in-place needs an ONNX input; give the output file with -o OUT.onnx")
     try:
         report = convert_file(args.input, args.output, options, in_place=args.in_place)
     except VerificationError as exc:
@@ -180,7 +216,12 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 def _run_inspect(args: argparse.Namespace) -> int:
-    report = inspect_model(args.input, _options(args, verify=False))
+    try:
+        report = inspect_model(args.input, _options(args, verify=True))
+    except VerificationError as exc:
+        if isinstance(exc.report, Report):
+            sys.stdout.write(exc.report.to_json() if args.json else exc.report.to_text())
+        raise
     sys.stdout.write(report.to_json() if args.json else report.to_text())
     return 0
 

@@ -24,3 +24,9 @@ class VerificationError(ConversionError):
     def __init__(self, message: str, report: object = None) -> None:
         super().__init__(message)
         self.report = report
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception as one line for a user's error message: its first line (300 characters at most), or its type."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__

@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import tempfile
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +19,7 @@ from onnx import GraphProto, ModelProto, TensorProto
 from onnx.external_data_helper import load_external_data_for_model
 
 from converter.errors import InputError
+from converter.errors import first_line as _first_line
 
 #: Models whose serialised size passes this are written with their tensors in a side file (`OUT.data`):
 #: protobuf cannot hold more than 2 GiB in one message.
@@ -81,11 +84,6 @@ def check(model: ModelProto, what: str = "model") -> None:
 
 def _is_external(t: TensorProto) -> bool:
     return t.HasField("data_location") and t.data_location == TensorProto.EXTERNAL
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:300] if text else type(exc).__name__
 
 
 def _varint(n: int) -> bytes:
@@ -178,11 +176,39 @@ def staged(final: str | os.PathLike[str]) -> Iterator[Staged]:
     parent = dest.parent if str(dest.parent) else Path(".")
     if not parent.is_dir():
         raise InputError(f"{parent}: output directory does not exist")
+    tmpdir: Path | None = None
     try:
-        tmpdir = Path(tempfile.mkdtemp(prefix=".bnfold-", dir=parent))
-    except OSError as exc:
-        raise InputError(f"{parent}: cannot write ({exc.strerror or exc})") from None
-    try:
+        with _signals_deferred():  # no Ctrl-C/SIGTERM between the directory's creation and ``tmpdir`` holding it
+            try:
+                tmpdir = Path(tempfile.mkdtemp(prefix=".bnfold-", dir=parent))
+            except OSError as exc:
+                raise InputError(f"{parent}: cannot write ({exc.strerror or exc})") from None
         yield Staged(dest, tmpdir)
     finally:
-        shutil.rmtree(tmpdir, ignore_errors=True)
+        if tmpdir is not None:
+            shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """SIGINT and SIGTERM arriving inside are delivered again on the way out, to the handlers that were in place.
+
+    Python runs a signal handler between any two bytecodes, so a KeyboardInterrupt could otherwise land after
+    ``mkdtemp`` made the directory and before anything could remove it. Only the main thread sets handlers; in
+    another thread (and for a handler not set from Python) this does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    deferred = {s: h for s, h in previous.items() if h is not None}
+    for sig in deferred:
+        signal.signal(sig, lambda signum, frame: pending.append(signum))
+    try:
+        yield
+    finally:
+        for sig, handler in deferred.items():
+            signal.signal(sig, handler)
+        for signum in pending:
+            signal.raise_signal(signum)

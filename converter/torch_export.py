@@ -41,7 +41,6 @@ import inspect
 import io
 import json
 import logging
-import math
 import warnings
 import zipfile
 from collections.abc import Iterator, Mapping, Sequence
@@ -56,7 +55,7 @@ from onnx import ModelProto
 
 from converter import verify
 from converter.errors import ConversionError, InputError
-from converter.verify import OutputCheck, Verification
+from converter.errors import first_line as _first_line
 
 log = logging.getLogger("bnfold.converter")
 
@@ -102,6 +101,7 @@ class Exported:
     inputs_from: str  # "seed 0 random inputs", "the program's stored example inputs", "the example inputs"
     seed: int = 0
     notes: list[str] = field(default_factory=list)
+    forward: verify.OutputsFn | None = None  # runs the PyTorch model (eval mode, no grad) on other inputs
 
     @property
     def input_shapes(self) -> dict[str, list[int]]:
@@ -211,11 +211,6 @@ def _check_sample_inputs(torch: Any, p: Path) -> None:
                     f"{p}: the stored example inputs need unrestricted unpickling, which bnfold refuses "
                     f"({_first_line(exc)})"
                 ) from None
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:300] if text else type(exc).__name__
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -413,7 +408,14 @@ def _export_module(
         except Exception as exc:
             raise ConversionError(f"{kind}: torch.onnx.export failed ({_first_line(exc)})") from None
     model = onnx.load_from_string(buffer.getvalue())
-    return _finish(model, kind, names, args, expected, inputs_from, _LEGACY)
+    exported = _finish(model, kind, names, args, expected, inputs_from, _LEGACY)
+
+    def forward(feeds: Mapping[str, Array]) -> list[Array]:
+        with _eval_mode(module):
+            return _run(torch, module, _tensors(torch, names, feeds), kind)
+
+    exported.forward = forward
+    return exported
 
 
 def export_program(
@@ -450,7 +452,16 @@ def export_program(
         raise ConversionError(f"{what}: torch.onnx.export failed ({_first_line(exc)})") from None
     exported = _finish(model, EXPORTED_PROGRAM, names, args, expected, inputs_from, _DYNAMO)
     exported.seed = seed
+
+    def forward(feeds: Mapping[str, Array]) -> list[Array]:
+        return _run(torch, program.module(), _tensors(torch, names, feeds), what)
+
+    exported.forward = forward
     return exported
+
+
+def _tensors(torch: Any, names: list[str], feeds: Mapping[str, Array]) -> tuple[Any, ...]:
+    return tuple(torch.from_numpy(np.ascontiguousarray(feeds[n])) for n in names)
 
 
 def _finish(
@@ -486,25 +497,16 @@ def reference_label(exported: Exported) -> str:
     return f"PyTorch eval on {exported.inputs_from}"
 
 
-def compare(exported: Exported, converted: verify.ModelSource, *, atol: float, rtol: float) -> Verification:
-    """Run ``converted`` in ONNX Runtime on the inputs PyTorch saw, and compare with PyTorch's outputs."""
-    sess = verify.session(converted)
-    feeds = {}
-    for arg in sess.get_inputs():
-        if arg.name not in exported.feeds:
-            raise InputError(f"the converted model has an input PyTorch did not see: {arg.name}")
-        feeds[arg.name] = exported.feeds[arg.name].astype(verify._ORT_TYPES.get(arg.type, np.float32))
-    names = [o.name for o in sess.get_outputs()]
-    got = sess.run(names, feeds)
-    del sess
-    result = Verification(True, atol, rtol, exported.seed, exported.input_shapes, reference=reference_label(exported))
-    if len(got) != len(exported.expected):
-        result.passed = False
-        detail = f"{len(got)} outputs, PyTorch returned {len(exported.expected)}"
-        result.outputs.append(OutputCheck("*", math.inf, math.inf, False, detail))
-        return result
-    for name, g, w in zip(names, got, exported.expected, strict=True):
-        check = verify.compare(name, np.asarray(g), np.asarray(w), atol, rtol)
-        result.outputs.append(check)
-        result.passed = result.passed and check.passed
-    return result
+def reference(exported: Exported, label: str = "PyTorch eval") -> verify.Reference:
+    """The framework's eval-mode forward as a verification reference: always checked on the inputs it ran at
+    export (their outputs are already known), and on real samples when the forward pass is at hand."""
+    fixed = verify.InputSet(exported.inputs_from, [exported.feeds])
+
+    def forward(feeds: Mapping[str, Array]) -> Sequence[Array]:
+        if feeds is exported.feeds:
+            return exported.expected
+        if exported.forward is None:
+            raise InputError(f"{exported.kind}: the source model is not at hand to run on other inputs")
+        return exported.forward(feeds)
+
+    return verify.Reference.framework(label, forward, fixed)

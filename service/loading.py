@@ -12,10 +12,11 @@ import numpy as np
 import onnxruntime as ort
 
 from converter import ConversionError, Report, convert
+from converter.errors import first_line
 from service.batcher import BatchPolicy, check_batchable
 from service.datatypes import DATATYPES, ORT_TO_V2
 from service.errors import ModelLoadError
-from service.model import LoadedModel, TensorSpec, first_line
+from service.model import LoadedModel, TensorSpec
 from service.model_config import DynamicBatching, ModelConfig
 from service.settings import PROVIDER_NAMES, Settings
 from service.tensors import Array

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
+from converter.errors import first_line
 from service.errors import BadRequest, Internal, Timeout
 from service.settings import PROVIDER_NAMES
 from service.tensors import Array
@@ -85,8 +86,3 @@ class LoadedModel:
             raise Internal(f"inference failed: {first_line(exc)}") from None
         finally:
             timing.compute_seconds = time.perf_counter() - start
-
-
-def first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:300] if text else type(exc).__name__

@@ -158,6 +158,7 @@ def test_the_answer_comparison_tolerates_float32_digits_and_nothing_else() -> No
     assert same_answer({"outputs": [{"shape": [1, 2], "data": shown["outputs"][0]["data"]}]}, shown)
 
 
+@pytest.mark.slow  # the `served` fixture is a bnfold serve subprocess
 def test_quick_start_commands(served: Server, workdir: Path) -> None:
     lines = [c for c in commands() if c.startswith("curl ")]
     assert len(lines) == 2
@@ -169,6 +170,7 @@ def test_quick_start_commands(served: Server, workdir: Path) -> None:
         assert not difference, (difference, got, expected)
 
 
+@pytest.mark.slow  # the `served` fixture is a bnfold serve subprocess
 def test_python_snippets_run(served: Server, workdir: Path) -> None:
     for snippet in blocks("python"):
         proc = subprocess.run(
@@ -186,7 +188,7 @@ def test_python_snippets_run(served: Server, workdir: Path) -> None:
 
 
 def test_convert_and_inspect_commands(workdir: Path) -> None:
-    lines = [c for c in commands() if c.startswith("bnfold convert ") or c.startswith("bnfold inspect ")]
+    lines = [c for c in commands() if c.startswith(("bnfold convert ", "bnfold inspect ")) and "--inputs" not in c]
     assert len(lines) == 2
     convert = run(lines[0], workdir)
     assert convert.returncode == 0, convert.stderr
@@ -197,6 +199,19 @@ def test_convert_and_inspect_commands(workdir: Path) -> None:
     assert got[5].split("(")[0] == shown[5].split("(")[0]
     inspect = run(lines[1], workdir)
     assert inspect.returncode == 0 and "bn3  folded  into Gemm fc1" in inspect.stdout
+
+
+def test_verify_on_real_data_command(workdir: Path) -> None:
+    (line,) = [c for c in commands() if c.startswith("bnfold convert ") and "--inputs" in c]
+    proc = run(line, workdir)
+    assert proc.returncode == 0, proc.stderr
+    shown = shown_output("--inputs service/models/digits/samples.npz")
+    got = proc.stdout.splitlines()
+    start = got.index(next(g for g in got if "samples from" in g))
+    assert got[start] == shown[0]
+    assert got[start + 1].split(", max abs")[0] == shown[1].split(", max abs")[0]
+    assert got[start + 1].split("max rel")[1].split(", ", 1)[1] == shown[1].split("max rel")[1].split(", ", 1)[1]
+    assert got[start + 2] == shown[2]
 
 
 def test_install_and_serve_line_is_covered() -> None:

@@ -642,6 +642,7 @@
         return null;
       } catch (err) {
         this.meta = null;
+        this.failure = err;
         this.body.replaceChildren(el("p", { class: "error" }, describe(err)));
         return err;
       }
@@ -873,18 +874,26 @@
         }
         card.showStats(stats[name]);
       }
-      if (!cards.size) container.replaceChildren(el("p", { class: "muted" }, "No model is loaded."));
-      await loadCards(added);
+      const empty = document.getElementById("no-models");
+      if (!cards.size && !empty) container.append(el("p", { class: "muted", id: "no-models" }, "No model is loaded."));
+      if (cards.size && empty) empty.remove();
+      // new models, and those whose metadata failed for another reason than the key (not ready yet, say)
+      const retry = [...cards.values()].filter((c) => !c.meta && !added.includes(c) && !isAuth(c.failure));
+      await loadCards([...added, ...retry]);
     } catch (err) {
       notice(`Cannot read the server's metrics: ${describe(err)}`);
     }
     if (!document.hidden) refreshTimer = setTimeout(refresh, REFRESH_MS);
   }
 
+  function isAuth(err) {
+    return err instanceof HttpError && err.status === 401;
+  }
+
   async function loadCards(list) {
     const errors = (await Promise.all(list.map((c) => c.load()))).filter(Boolean);
     const failed = [...cards.values()].some((c) => !c.meta);
-    const auth = errors.find((e) => e instanceof HttpError && e.status === 401);
+    const auth = errors.find(isAuth);
     if (auth) notice(describe(auth));
     else if (!failed) notice("");
   }

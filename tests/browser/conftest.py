@@ -1,7 +1,7 @@
 """Real `bnfold serve` processes and a real Chromium (Debian's package, driven by Playwright).
 
 Playwright's own browser download is unreachable here, so the tests use the system's chromium
-(``BNFOLD_CHROMIUM`` or ``/usr/bin/chromium``; ``apt-get install chromium``). Without it the browser tests
+(``PLAYWRIGHT_CHROMIUM`` or ``/usr/bin/chromium``; ``apt-get install chromium``). Without it the browser tests
 are skipped on a developer's machine and FAIL under CI (``CI=true``), so CI cannot pass them by skipping.
 """
 
@@ -22,7 +22,7 @@ from converter.zoo import Builder, conv_bn
 from service.settings import BUNDLED_REPOSITORY
 from tests.service.servers import Server, save, start
 
-CHROMIUM = Path(os.environ.get("BNFOLD_CHROMIUM", "/usr/bin/chromium"))
+CHROMIUM = Path(os.environ.get("PLAYWRIGHT_CHROMIUM", "/usr/bin/chromium"))
 
 #: The picture models' preprocessing, as their config.json states it (the page reads it from /config).
 IMAGE_CONFIGS: dict[str, dict[str, Any]] = {
@@ -79,14 +79,16 @@ def _missing(reason: str) -> None:
     pytest.skip(reason)
 
 
-@pytest.fixture(scope="session")
+# package scope, not session: Playwright's sync API keeps an event loop running in the main thread while it is
+# open, and every later test that calls asyncio.run() would fail ("cannot be called from a running event loop")
+@pytest.fixture(scope="package")
 def browser() -> Iterator[Any]:
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
         _missing("playwright is not installed (pip install -e '.[dev]')")
     if not CHROMIUM.exists():
-        _missing(f"no chromium at {CHROMIUM} (apt-get install chromium, or set BNFOLD_CHROMIUM)")
+        _missing(f"no chromium at {CHROMIUM} (apt-get install chromium, or set PLAYWRIGHT_CHROMIUM)")
     with sync_playwright() as p:
         chromium = p.chromium.launch(executable_path=str(CHROMIUM))
         yield chromium

@@ -278,7 +278,7 @@ def test_phone_width(browser: Any, ui_server: Server) -> None:
 # ----------------------------------------------------------------------------------- screenshot
 def test_screenshot_of_the_default_server(context: Any, tmp_path: Path) -> None:
     """The README's picture: `bnfold serve` with no arguments, one example run. Written to docs/images/ui.png
-    when BNFOLD_UPDATE_SCREENSHOT=1 (otherwise to a temporary file, so a test run leaves the tree clean)."""
+    when UPDATE_UI_SCREENSHOT=1 (otherwise to a temporary file, so a test run leaves the tree clean)."""
     server = start(tmp_path)
     try:
         page, console = open_page(context, server)
@@ -287,7 +287,7 @@ def test_screenshot_of_the_default_server(context: Any, tmp_path: Path) -> None:
         status = after_run(page, digits, digits.get_by_role("button", name="Example 3", exact=True).click)
         assert status.startswith("3 (")
         wait_for_requests(page, "digits", 1)
-        target = SCREENSHOT if os.environ.get("BNFOLD_UPDATE_SCREENSHOT") == "1" else tmp_path / "ui.png"
+        target = SCREENSHOT if os.environ.get("UPDATE_UI_SCREENSHOT") == "1" else tmp_path / "ui.png"
         target.parent.mkdir(parents=True, exist_ok=True)
         page.screenshot(path=str(target))
         assert target.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -9,7 +9,7 @@ import pytest
 
 from examples.digits.page_examples import render
 from service.webui import STATIC
-from tests.service.servers import Server, start
+from tests.service.servers import Server, in_process
 
 
 def test_page_and_its_files_are_served(ui_server: Server) -> None:
@@ -29,17 +29,13 @@ def test_page_and_its_files_are_served(ui_server: Server) -> None:
         assert pre == {"scale": 255, "mean": [120, 110, 100], "std": [60, 55, 50], "layout": "NHWC"}
 
 
-def test_ui_false_makes_the_root_a_404(tmp_path: Path) -> None:
-    server = start(tmp_path, env={"BNFOLD_UI": "false"})
-    try:
-        with server.client() as c:
-            root = c.get("/")
-            assert (root.status_code, root.json()) == (404, {"error": "Not Found"})
-            assert c.get("/ui/app.js").status_code == 404
-            assert c.get("/docs").status_code == 200
-            assert c.get("/v2/models/digits").status_code == 200
-    finally:
-        assert server.stop() == 0
+def test_ui_false_makes_the_root_a_404() -> None:
+    with in_process(ui=False) as server, server.client() as c:
+        root = c.get("/")
+        assert (root.status_code, root.json()) == (404, {"error": "Not Found"})
+        assert c.get("/ui/app.js").status_code == 404
+        assert c.get("/docs").status_code == 200
+        assert c.get("/v2/models/digits").status_code == 200
 
 
 def test_invalid_preprocessing_in_config_is_refused(tmp_path: Path) -> None:

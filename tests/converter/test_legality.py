@@ -121,7 +121,8 @@ def test_non_constant_batchnorm_parameters_are_kept() -> None:
     nodes = [conv(), bn_node("c", "y")]
     inits = [tensor("W", W), *bn_initializers(P)][:-1]  # var comes in as a graph input
     m = model(nodes, [("x", [1, 2, 5, 5]), ("bn_var", [3])], ["y"], inits)
-    result = convert(m, input_shapes={"x": [1, 2, 5, 5], "bn_var": [3]})
+    # random values for the variance input give NaN (negative variances), which verification never passes
+    result = convert(m, input_shapes={"x": [1, 2, 5, 5], "bn_var": [3]}, verify=False)
     assert "not constants" in kept_reason(result)
 
 

@@ -56,7 +56,9 @@ def _with_constant_parameters(m: ModelProto, feeds: dict[str, np.ndarray]) -> Mo
 def test_node_case_passes_in_keep_mode(case: object) -> None:
     for inputs, outputs in case.data_sets:  # type: ignore[attr-defined]
         feeds = _feeds(case.model, inputs)  # type: ignore[attr-defined]
-        result = convert(case.model, bn="keep", input_shapes={k: v.shape for k, v in feeds.items()})  # type: ignore[attr-defined]
+        # every parameter is a graph input: random variances are negative, give NaN, and never pass verification;
+        # the case's own data is the check here
+        result = convert(case.model, bn="keep", verify=False)  # type: ignore[attr-defined]
         got = run(result.model, feeds)
         for g, want in zip(got, outputs, strict=True):
             assert close(g, want), np.max(np.abs(g - want))

@@ -14,8 +14,10 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -117,3 +119,26 @@ def test_a_signal_mid_conversion_leaves_nothing_behind(
         assert list(work.iterdir()) == [], "left behind: " + ", ".join(p.name for p in work.iterdir())
         return
     pytest.fail("the conversion finished before it could be stopped mid-way, 5 times")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_the_moment_the_staging_directory_is_made_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sig: signal.Signals
+) -> None:
+    """The narrowest window, made certain: the signal arrives as ``mkdtemp`` returns, before ``staged`` holds the
+    directory. It is delivered once the directory is held, and the directory goes (found by the real-process test
+    above: a Ctrl-C there once left a ``.bnfold-*`` behind)."""
+    from converter import cli, modelio
+
+    real = tempfile.mkdtemp
+
+    def mkdtemp_then_signal(*args: Any, **kwargs: Any) -> str:
+        path = real(*args, **kwargs)
+        signal.raise_signal(sig)  # the handler runs at the next bytecode: here, inside mkdtemp's caller's window
+        return path
+
+    monkeypatch.setattr(modelio.tempfile, "mkdtemp", mkdtemp_then_signal)
+    expected: type[BaseException] = KeyboardInterrupt if sig == signal.SIGINT else cli.Terminated
+    with cli.sigterm_unwinds(), pytest.raises(expected), modelio.staged(tmp_path / "out.onnx"):
+        pytest.fail("the signal must interrupt before the body runs")
+    assert list(tmp_path.iterdir()) == []

@@ -11,6 +11,7 @@ from service.launcher import LaunchError, in_thread, launch, serving
 from service.settings import Settings
 
 
+@pytest.mark.slow
 def test_a_server_that_exits_at_start_is_a_launch_error_with_its_log(tmp_path: Path) -> None:
     with pytest.raises(LaunchError, match="exited with 2") as exc:
         launch(["--model-repository", str(tmp_path / "nowhere")], log=tmp_path / "server.log")

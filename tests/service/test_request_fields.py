@@ -375,12 +375,15 @@ def test_an_empty_outputs_list_means_every_output(app: InProcess) -> None:
 # ------------------------------------------------------------------------------------------------ a real server
 @settings(max_examples=80, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 @given(st.data())
-def test_a_real_server_answers_mutated_requests_without_a_traceback(server: Server, data: st.DataObject) -> None:
+def test_a_real_server_answers_mutated_requests_without_a_traceback(
+    process_server: Server, data: st.DataObject
+) -> None:
     base = data.draw(st.sampled_from(SMALL), label="base")
     path = data.draw(st.sampled_from(base.paths), label="path")
     value = data.draw(st.one_of(st.sampled_from(VALUES), JSON_VALUES), label="value")
     header = mutated(base.header, path, value)
     body, headers = encode(base, header)
+    server = process_server
     start = len(server.output())
     with server.client() as http:
         reply = http.post(f"/v2/models/{base.model}/infer", content=body, headers=headers)

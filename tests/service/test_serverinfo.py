@@ -9,6 +9,7 @@ import re
 import tomllib
 from pathlib import Path
 
+import pytest
 from packaging.requirements import Requirement
 
 from tests.service.servers import Server, start
@@ -37,12 +38,14 @@ def test_uvloop_and_httptools_are_dependencies_installed_here() -> None:
             assert importlib.util.find_spec(name) is not None, f"{name} is a dependency here but not installed"
 
 
-def test_the_server_reports_uvloop_and_httptools_when_installed(server: Server) -> None:
+@pytest.mark.slow  # the start-up log line is checked: a subprocess
+def test_the_server_reports_uvloop_and_httptools_when_installed(process_server: Server) -> None:
     expected_loop = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
     expected_http = "httptools" if importlib.util.find_spec("httptools") else "h11"
-    assert reported(server) == (expected_loop, expected_http)
+    assert reported(process_server) == (expected_loop, expected_http)
 
 
+@pytest.mark.slow
 def test_without_them_the_server_reports_the_fallbacks(repo: Path, tmp_path: Path) -> None:
     """Modules that refuse to import shadow uvloop and httptools: uvicorn falls back, and the server says so."""
     blocked = tmp_path / "blocked"
