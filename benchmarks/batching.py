@@ -11,14 +11,21 @@ dynamic batch dimension and carries BatchNorm (folded on load):
 - ``conv224``: 1×3×224×224, the serving benchmark's 4× [Conv 3×3 s2 + BN + Relu] + GAP + Gemm;
 - ``resnet18``: 1×3×224×224, ``converter.zoo.resnet()`` (11.7 M parameters).
 
-Load generators pinned to CPU 1: ``wrk`` (REST JSON and REST binary, fixed body) and ``h2load`` (gRPC,
-a pre-built ``ModelInferRequest`` as in benchmarks/grpc.py). The matrix is limited to fit a loaded 2-core host:
-REST binary for tiny and mlp at c=1/8/32/64, for conv224 and resnet18 at c=1/32; REST JSON and gRPC for tiny and
-mlp at c=1/32. Each (model, transport, c) runs off and on back to back, the order alternating every round;
-figures are medians over rounds. Before the load every (server, model, transport) answer is checked against
-in-process ONNX Runtime; after it, the ``on`` server's ``bnfold_batch_size`` histogram gives the mean rows per run.
+Load generators pinned to CPU 1: ``wrk`` (REST JSON and REST binary, fixed body) and ``h2load`` (gRPC, a
+pre-built ``ModelInferRequest`` as in benchmarks/grpc.py). The matrix is limited to fit a loaded 2-core host: REST
+binary for tiny and mlp at c=1/8/32/64, for conv224 at c=1/32 and resnet18 at c=1/8 (one batch-of-one ResNet-18
+run takes ~0.3 s on the loaded core, so 32 connections would not complete one round of requests in a cell);
+REST JSON and gRPC for tiny and mlp at c=1/32. resnet18 cells last ``--slow-factor`` times longer.
 
-    .venv/bin/python -m benchmarks.batching                # ~8 min, benchmarks/results/batching.json
+Before the rounds, a warm-up cell per model shows each server every batch size it will see (uncounted). Each
+(model, transport, c) then runs off and on back to back, the order alternating every round; figures are medians
+over rounds. After every cell the benchmark waits for that server to drain (one request through the same model):
+wrk stops after its duration, but the requests it left in flight are still computed, and both servers share
+CPU 0, so a backlog would load the next cell. Before the load every (server, model, transport) answer is checked
+against in-process ONNX Runtime; after it, the ``on`` server's ``bnfold_batch_size`` histogram gives the mean rows
+per run (over the whole run, c=1 cells included).
+
+    .venv/bin/python -m benchmarks.batching                # ~10 min, benchmarks/results/batching.json
     .venv/bin/python -m benchmarks.batching --quick        # ~1 min: tiny and mlp, REST binary, c=1/32, 1 round
 """
 
@@ -39,7 +46,7 @@ import numpy as np
 from benchmarks._harness import FIXED_BODY_LUA, clean_env, parse_cpus, run_wrk
 from benchmarks.environment import emit, git_state, host
 from benchmarks.grpc import GRPC_PATH, check_grpc, grpc_body, h2load
-from benchmarks.serving import Bench, check
+from benchmarks.serving import Bench, check, post
 from service.launcher import ServerProcess, free_port, launch
 
 HERE = Path(__file__).resolve().parent
@@ -50,7 +57,7 @@ MATRIX: dict[tuple[str, str], tuple[int, ...]] = {
     ("mlp", "binary"): (1, 8, 32, 64),
     ("tiny", "binary"): (1, 8, 32, 64),
     ("conv224", "binary"): (1, 32),
-    ("resnet18", "binary"): (1, 32),
+    ("resnet18", "binary"): (1, 8),
     ("mlp", "json"): (1, 32),
     ("tiny", "json"): (1, 32),
     ("mlp", "grpc"): (1, 32),
@@ -191,6 +198,15 @@ def cell(
     }
 
 
+def drain(server: ServerProcess, bench: Bench) -> None:
+    """Wait until the requests a cell left in flight are computed: one request behind them, through the same model."""
+    status, _, body = post(
+        f"{server.url}/v2/models/{bench.name}/infer", bench.binary_body.read_bytes(), bench.binary_header_length
+    )
+    if status != 200:
+        raise RuntimeError(f"{server.name}/{bench.name}: drain request answered {status}: {body[:200]!r}")
+
+
 def mean_batch_sizes(server: ServerProcess) -> dict[str, float]:
     """Rows per ONNX Runtime run, per model, from the server's ``bnfold_batch_size`` histogram."""
     with urllib.request.urlopen(f"{server.url}/metrics", timeout=30) as r:
@@ -250,6 +266,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     check(server, bench, "json")
                     check_grpc(grpc_port, bench)
             for r in range(args.rounds):
+                if r == 0:  # warm-up: each server sees every batch size it will see, uncounted
+                    for (model, transport), concurrency in matrix.items():
+                        if transport == "binary":
+                            for mode in ("off", "on"):
+                                server = servers[mode][0]
+                                cell(server, 0, benches[model], "binary", max(concurrency), 1, lua, client_cpus)
+                                drain(server, benches[model])
                 cells: dict[str, Any] = {}
                 for (model, transport), concurrency in matrix.items():
                     for c in concurrency:
@@ -352,6 +375,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--duration", type=float, default=2.0, help="seconds per cell (default 2)")
     p.add_argument("--quick", action="store_true", help="tiny and mlp, REST binary, c=1/32, 1 round")
+    p.add_argument("--slow-factor", type=float, default=3.0, help="resnet18 cells last this many times longer")
     p.add_argument("--max-batch-size", type=int, default=32)
     p.add_argument("--max-queue-delay-us", type=int, default=0)
     p.add_argument("--server-cpus", default="0")
