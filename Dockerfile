@@ -77,7 +77,7 @@ RUN chmod 0755 /usr/local/bin/bnfold-entrypoint \
          cat /etc/ld.so.conf.d/bnfold-nvidia.conf; \
          ldconfig; \
        fi
-# Every setting is a BNFOLD_ variable (README, "Settings"); these are the container's defaults.
+# Every setting is a BNFOLD_ variable (docs/serving.md, "Settings"); these are the container's defaults.
 # The GPU image asks for CUDA first (the default `fallback` policy serves on CPU when no GPU is visible).
 # ORT_DISABLE_TELEMETRY: ONNX Runtime's telemetry off (a server sends nothing home; on a read-only root it would
 # also warn that it cannot store its device id).

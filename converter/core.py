@@ -19,7 +19,7 @@ from typing import Any
 from onnx import ModelProto
 
 from converter import bn_modes, inputs, modelio
-from converter.errors import InputError, VerificationError
+from converter.errors import InputError, VerificationError, first_line
 from converter.graph import nested_nodes
 from converter.options import Options
 from converter.report import Counts, Readiness, Report
@@ -179,7 +179,7 @@ def _checked(
     except InputError:
         raise
     except Exception as exc:  # ONNX Runtime refused a model: report it as a failed verification
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        first = first_line(exc)
         raise VerificationError(f"verification could not run {what} in ONNX Runtime: {first}", report) from None
     report.add_verifications(checked.results)
     return checked
@@ -198,7 +198,7 @@ def _trace(
     try:
         report.trace = first_divergence(reference, converted, feeds[0], atol=atol, rtol=rtol, inputs_from=feeds[1])
     except Exception as exc:  # the trace is a diagnosis; failing to run it must not hide the verdict
-        log.warning("trace could not run: %s", (str(exc).strip().splitlines() or [type(exc).__name__])[0])
+        log.warning("trace could not run: %s", first_line(exc))
         return
     d = report.trace.divergence
     if d is None:

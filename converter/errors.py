@@ -1,4 +1,4 @@
-"""Errors a user can cause, each with the exit code the CLI documents (README, "Exit codes")."""
+"""Errors a user can cause, each with the exit code the CLI documents (docs/converting.md, exit codes)."""
 
 from __future__ import annotations
 

@@ -17,6 +17,18 @@ Where the output channel sits in each producer's weight:
   alpha and beta are folded into the new B and C, which are then used with alpha = beta = 1.
 - MatMul ``Y = X·W`` (+ bias): the last axis of W.
 
+Forward folding: a map whose only reader is a linear layer ``L`` gives ``L(s·x + t)``; per *input* channel i the
+scale goes into L's weight and the shift, pushed through the weight, into L's bias:
+
+- Conv ``W (C_out, C_in/groups, k...)``, no zero padding: ``W'[o, j] = W[o, j]·s[i]``,
+  ``b'[o] = b[o] + Σ_{j,k} W[o, j, k]·t[i]`` with ``i = group(o)·C_in/groups + j``. Every output position sums
+  every tap over real input, so the shift's contribution is the same everywhere; a zero-padded border would see
+  ``0`` instead of ``t``.
+- ConvTranspose ``W (C_in, C_out/groups, k...)``: ``W'[i] = W[i]·s[i]`` and the bias as for Conv, exact only for
+  a 1×1 kernel with stride 1 (with a larger kernel or stride, output positions receive different numbers of taps).
+- Gemm ``Y = alpha·A·B' + beta·C`` with the map on A (transA=0): B' scaled along its contracted axis,
+  ``C' = beta·C + alpha·(t·B')``; MatMul ``X·W``: ``W'[k] = s[k]·W[k]``, bias ``t·W``.
+
 Everything is computed in float64; :func:`cast_exact` casts once to the stored dtype and refuses overflow.
 """
 
@@ -114,6 +126,67 @@ def fold_matmul(w: NDArray[np.floating], bias: NDArray[np.floating] | None, s: F
     _check_channels(w64.shape[-1], s, "MatMul weight last axis")
     b64 = np.zeros(1) if bias is None else np.asarray(bias, dtype=np.float64)
     return w64 * _per_axis(s, w64.ndim, -1), s * b64 + t
+
+
+def forward_conv(
+    w: NDArray[np.floating], b: NDArray[np.floating] | None, s: F64, t: F64, group: int
+) -> tuple[F64, F64]:
+    """Conv (any rank, groups) reading ``s·x + t``: scale input channels, push the shift into the bias."""
+    w64 = np.asarray(w, dtype=np.float64)
+    c_out, c_in_g = w64.shape[0], w64.shape[1]
+    _check_channels(c_in_g * group, s, "Conv input channels")
+    per_out = np.arange(c_out) // (c_out // group)  # the group of each output channel
+    inputs = per_out[:, None] * c_in_g + np.arange(c_in_g)[None, :]  # (C_out, C_in/groups): input channel index
+    s_full, t_full = np.broadcast_to(s, (c_in_g * group,)), np.broadcast_to(t, (c_in_g * group,))
+    extra = (1,) * (w64.ndim - 2)
+    new_w = w64 * s_full[inputs].reshape(c_out, c_in_g, *extra)
+    pushed = np.einsum("ojk,oj->o", w64.reshape(c_out, c_in_g, -1), t_full[inputs])
+    return new_w, _bias(b, c_out) + pushed
+
+
+def forward_conv_transpose_1x1(
+    w: NDArray[np.floating], b: NDArray[np.floating] | None, s: F64, t: F64, group: int
+) -> tuple[F64, F64]:
+    """ConvTranspose with a 1×1 kernel and stride 1 reading ``s·x + t`` (W is ``(C_in, C_out/groups, 1...)``)."""
+    w64 = np.asarray(w, dtype=np.float64)
+    c_in, c_out_g = w64.shape[0], w64.shape[1]
+    _check_channels(c_in, s, "ConvTranspose input channels")
+    s_full, t_full = np.broadcast_to(s, (c_in,)), np.broadcast_to(t, (c_in,))
+    new_w = w64 * _per_axis(np.ascontiguousarray(s_full), w64.ndim, 0)
+    flat = w64.reshape(c_in, c_out_g)
+    grouped = (flat * t_full[:, None]).reshape(group, c_in // group, c_out_g).sum(axis=1)  # (group, C_out/groups)
+    return new_w, _bias(b, group * c_out_g) + grouped.reshape(-1)
+
+
+def forward_gemm(
+    b_mat: NDArray[np.floating],
+    c: NDArray[np.floating] | None,
+    s: F64,
+    t: F64,
+    alpha: float,
+    beta: float,
+    trans_b: bool,
+) -> tuple[F64, F64]:
+    """Gemm (transA=0) reading ``s·A + t`` per column of A: returns ``(B', C')`` for alpha = beta = 1."""
+    b64 = np.asarray(b_mat, dtype=np.float64)
+    k_axis = 1 if trans_b else 0
+    _check_channels(b64.shape[k_axis], s, f"Gemm B axis {k_axis}")
+    effective = b64.T if trans_b else b64  # (K, N)
+    t_full = np.broadcast_to(t, (effective.shape[0],))
+    new_b = alpha * b64 * _per_axis(np.ascontiguousarray(np.broadcast_to(s, (b64.shape[k_axis],))), 2, k_axis)
+    c64 = np.zeros(1) if c is None else np.asarray(c, dtype=np.float64)
+    return new_b, beta * c64 + alpha * (t_full @ effective)
+
+
+def forward_matmul(w: NDArray[np.floating], bias: NDArray[np.floating] | None, s: F64, t: F64) -> tuple[F64, F64]:
+    """MatMul ``(s·X + t)·W`` with a 2-D W (+ an optional bias added after): ``W' = s[:, None]·W``, ``t·W (+ bias)``."""
+    w64 = np.asarray(w, dtype=np.float64)
+    _check_channels(w64.shape[0], s, "MatMul weight axis 0")
+    k = w64.shape[0]
+    s_full, t_full = np.broadcast_to(s, (k,)), np.broadcast_to(t, (k,))
+    pushed = t_full @ w64
+    b64 = np.zeros(1) if bias is None else np.asarray(bias, dtype=np.float64)
+    return w64 * s_full[:, None], b64 + pushed
 
 
 def _check_channels(n: int, s: F64, where: str) -> None:

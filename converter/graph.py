@@ -15,10 +15,18 @@ from typing import Any
 import numpy as np
 import onnx
 from numpy.typing import NDArray
-from onnx import GraphProto, ModelProto, NodeProto, TensorProto, helper, numpy_helper
+from onnx import GraphProto, ModelProto, NodeProto, TensorProto, numpy_helper
+
+from converter import consteval
 
 #: Pseudo consumer index for a value read implicitly by a subgraph.
 SUBGRAPH = -1
+
+#: A node attribute's value, or ``default`` (defined with the evaluator, which needs it first).
+attribute = consteval.attribute
+
+#: Side-effect-free ops that :meth:`Graph.prune` removes once nothing reads them.
+PRUNABLE = consteval.OPS | {"Constant"}
 
 
 def subgraphs(node: NodeProto) -> Iterator[GraphProto]:
@@ -50,13 +58,6 @@ def _outer_references(graph: GraphProto) -> set[str]:
     return used - defined
 
 
-def attribute(node: NodeProto, name: str, default: object = None) -> object:
-    for attr in node.attribute:
-        if attr.name == name:
-            return helper.get_attribute_value(attr)
-    return default
-
-
 def display_name(node: NodeProto) -> str:
     """The node's name, or ``OpType(first output)`` for unnamed nodes."""
     return node.name or f"{node.op_type}({node.output[0] if node.output else ''})"
@@ -86,6 +87,8 @@ class Graph:
         # IR < 4 lists every initializer as an input; only from IR 4 on does that make it overridable.
         self.overridable = self.inputs & set(self.initializers) if self.model.ir_version >= 4 else set()
         self.producers: dict[str, int] = {}
+        self._constants: dict[str, NDArray[Any] | None] = {}
+        self._visiting: set[str] = set()
         self.consumers: dict[str, list[int]] = defaultdict(list)
         self.names: set[str] = set(self.inputs) | set(self.initializers) | self.outputs
         for idx, node in enumerate(self.nodes):
@@ -121,47 +124,62 @@ class Graph:
         """True when node ``idx`` is the only reader of ``name`` and ``name`` is not a graph output."""
         return name not in self.outputs and set(self.users(name)) == {idx}
 
-    def constant_source(self, name: str) -> str | None:
-        """Follow Identity nodes back to an initializer or Constant output; None when not a constant."""
-        seen = set()
-        while name not in seen:
-            seen.add(name)
-            if name in self.initializers:
-                return None if name in self.overridable else name
-            idx = self.producers.get(name)
-            if idx is None:
-                return None
-            node = self.nodes[idx]
-            if node.domain not in ("", "ai.onnx"):
-                return None
-            if node.op_type == "Identity":
-                name = node.input[0]
-            elif node.op_type == "Constant":
-                return name
-            else:
-                return None
-        return None
-
     def constant(self, name: str) -> NDArray[Any] | None:
-        """The value of ``name`` when it is a constant (initializer, Constant, through Identity), else None."""
+        """The value of ``name`` when it is a constant, else None.
+
+        A constant is an initializer that is not also a graph input, a ``Constant`` node's value, or the output
+        of a :data:`converter.consteval.OPS` node (Identity, Transpose, Reshape, Cast, Concat, Slice, ...) whose
+        inputs are all constants, at any depth. Values are cached until the next edit.
+        """
         if not name:
             return None
-        source = self.constant_source(name)
-        if source is None:
-            return None
-        if source in self.initializers:
-            return numpy_helper.to_array(self.initializers[source])
-        return _constant_node_value(self.nodes[self.producers[source]])
+        if name in self._constants:
+            return self._constants[name]
+        pending = [name]
+        while pending:  # iterative post-order: deep Identity chains need no recursion
+            current = pending[-1]
+            if current in self._constants:
+                pending.pop()
+                continue
+            missing = [i for i in self._constant_inputs(current) if i and i not in self._constants]
+            if missing:
+                pending.extend(missing)
+                continue
+            pending.pop()
+            self._constants[current] = self._evaluate(current)
+        return self._constants[name]
 
-    def constant_is_private(self, name: str, idx: int) -> bool:
-        """True when node ``idx`` is the only reader of the constant and of every Identity on the way."""
-        while True:
-            if not self.sole_user(name, idx):
-                return False
-            producer = self.producers.get(name)
-            if producer is None or self.nodes[producer].op_type != "Identity":
-                return True
-            name, idx = self.nodes[producer].input[0], producer
+    def _constant_inputs(self, name: str) -> list[str]:
+        """Names whose values ``name``'s value is computed from (none for leaves)."""
+        if name in self.initializers or name in self._visiting:
+            return []
+        idx = self.producers.get(name)
+        if idx is None:
+            return []
+        node = self.nodes[idx]
+        if node.op_type not in consteval.OPS or node.domain not in ("", "ai.onnx") or node.output[0] != name:
+            return []
+        self._visiting.add(name)  # a malformed cyclic graph ends here instead of looping
+        return list(node.input)
+
+    def _evaluate(self, name: str) -> NDArray[Any] | None:
+        self._visiting.discard(name)
+        if name in self.initializers:
+            return None if name in self.overridable else numpy_helper.to_array(self.initializers[name])
+        idx = self.producers.get(name)
+        if idx is None:
+            return None
+        node = self.nodes[idx]
+        if node.domain not in ("", "ai.onnx"):
+            return None
+        if node.op_type == "Constant":
+            return _constant_node_value(node)
+        if node.op_type not in consteval.OPS or node.output[0] != name:
+            return None
+        inputs = [self._constants.get(i) if i else None for i in node.input]
+        if any(value is None for i, value in zip(node.input, inputs, strict=True) if i):
+            return None
+        return consteval.evaluate(node, inputs, self.opset)
 
     def live_nodes(self) -> Iterator[tuple[int, NodeProto]]:
         """(id, node) of every node still in the graph, in topological order."""
@@ -181,12 +199,14 @@ class Graph:
 
     def add_initializer(self, base: str, value: NDArray[Any]) -> str:
         """A new initializer under a name unused anywhere in the model."""
+        self._constants.clear()
         name = self.unique_name(base)
         self.graph.initializer.append(numpy_helper.from_array(value, name))
         self.initializers[name] = self.graph.initializer[-1]
         return name
 
     def set_input(self, idx: int, position: int, name: str) -> None:
+        self._constants.clear()
         node = self.nodes[idx]
         old = node.input[position] if position < len(node.input) else ""
         if old:
@@ -206,6 +226,7 @@ class Graph:
         node = self.nodes[idx]
         current = node.input[position] if position < len(node.input) else ""
         if current in self.initializers and current not in self.overridable and self.sole_user(current, idx):
+            self._constants.clear()
             self.initializers[current].CopyFrom(numpy_helper.from_array(value, current))
             return current
         name = self.add_initializer(base, value)
@@ -214,6 +235,7 @@ class Graph:
 
     def replace_node(self, idx: int, new_nodes: Iterable[NodeProto]) -> list[int]:
         """Put ``new_nodes`` where node ``idx`` stands (none removes it); return their ids."""
+        self._constants.clear()
         old = self.nodes[idx]
         for name in old.input:
             if name and idx in self.consumers.get(name, []):
@@ -236,6 +258,7 @@ class Graph:
 
     def rename_output(self, idx: int, position: int, name: str) -> None:
         """Node ``idx`` now writes ``name`` (taking over a value whose producer was removed)."""
+        self._constants.clear()
         node = self.nodes[idx]
         old = node.output[position]
         if self.producers.get(old) == idx:
@@ -244,13 +267,14 @@ class Graph:
         self.producers[name] = idx
 
     def prune(self) -> int:
-        """Drop unused initializers and unused Constant/Identity nodes; return how many were removed."""
+        """Drop unused initializers, and unused Constant and constant-expression nodes (Identity, Transpose,
+        Reshape ... of :data:`converter.consteval.OPS`: side-effect free); return how many were removed."""
         removed = 0
         changed = True
         while changed:
             changed = False
             for idx, node in list(self.live_nodes()):
-                if node.op_type not in ("Constant", "Identity") or node.domain not in ("", "ai.onnx"):
+                if node.op_type not in PRUNABLE or node.domain not in ("", "ai.onnx"):
                     continue
                 if any(self.users(o) or o in self.outputs for o in node.output):
                     continue

@@ -29,6 +29,7 @@ from numpy.typing import NDArray
 from onnx import ModelProto, helper
 
 from converter.errors import InputError
+from converter.errors import first_line as _first_line
 from converter.verify import Feeds, InputSet
 
 Array = NDArray[Any]
@@ -218,8 +219,3 @@ def _dims(dims: tuple[int | None, ...]) -> str:
 
 def _dim(d: int | None) -> str:
     return "?" if d is None else str(d)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:200] if text else type(exc).__name__

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 from onnx import ModelProto
 
+from converter.affine import FoldKind
 from converter.readiness import WeightStats
 from converter.trace import Trace
 from converter.verify import Verification
@@ -27,6 +28,7 @@ class LayerRecord:
     action: str  # "folded", "kept", "affine"
     into: str | None = None  # "Conv conv1" for a fold
     reason: str | None = None  # why it was not folded
+    fold: FoldKind | None = None  # which rule folded it (backward, forward, concat split, through shape op)
     notes: list[str] = field(default_factory=list)
     output: str | None = None  # the tensor it writes (in the original graph)
     into_op: str | None = None  # the node it was folded into: op type and node name
@@ -180,6 +182,8 @@ class Report:
             width = max(len(r.name) for r in self.layers)
             for r in self.layers:
                 what = f"into {r.into}" if r.into else (r.reason or "")
+                if r.fold not in (None, FoldKind.BACKWARD):  # a plain "into X" is the backward fold
+                    what += f" [{r.fold}]"
                 kind = "" if r.kind == "BatchNormalization" else f" [{r.kind}]"
                 lines.append(f"  {r.name:<{width}}  {r.action:<7} {what}{kind}")
                 lines.extend(f"  {'':<{width}}  note: {n}" for n in r.notes)

@@ -117,11 +117,13 @@ def _fold_all(g: Graph, info: ValueInfo, cast: readiness.Recorder, layers: dict[
                 continue
             producer = g.node(found.producer)
             record.folded_into(producer.op_type, display_name(producer))
-            before = np.asarray(found.weight)
+            record.into, record.fold = found.into, found.kind
+            # a Concat split writes one weight per part: its readiness figures are not one layer's
+            before = None if isinstance(found, rules.Split) else np.asarray(found.weight)
             cast.take()
-            found.rule.apply(g, found, cast)
+            found.apply(g, cast)
             weight, bias = cast.take()
-            if weight is not None:
+            if weight is not None and before is not None:
                 record.weights = readiness.weight_stats(producer, weight, bias, before)
             changed = True
 

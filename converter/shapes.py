@@ -81,3 +81,17 @@ class ValueInfo:
         if tp is None or not tp.tensor_type.HasField("shape"):
             return None
         return [d.dim_value if d.HasField("dim_value") else None for d in tp.tensor_type.shape.dim]
+
+    def channel_layout(self, name: str, axis: int) -> tuple[int, int] | None:
+        """``(channels, inner)`` of ``name`` for channel axis ``axis``: its size and the product of the dims after
+        it, so that flat element ``f`` (row-major) lies in channel ``(f // inner) % channels``. None unless both
+        are static. Two tensors of the same size with equal layouts put every element in the same channel."""
+        dims = self.shape(name)
+        if dims is None or not -len(dims) <= axis < len(dims):
+            return None
+        axis %= len(dims)
+        after = dims[axis + 1 :]
+        channels = dims[axis]
+        if channels is None or any(d is None for d in after):
+            return None
+        return channels, int(np.prod([d for d in after if d is not None], dtype=np.int64))

@@ -23,7 +23,7 @@ import onnxruntime as ort
 from numpy.typing import NDArray
 from onnx import ModelProto
 
-from converter.errors import InputError
+from converter.errors import InputError, first_line
 
 #: Default tolerances (atol, rtol). float32: rtol 1e-4 is ~840 ulps of the output's magnitude; re-rounded folded
 #: weights accumulate ~1e-5 through a ResNet-50-sized net (53 folds), while a wrong fold (wrong axis, wrong group,
@@ -89,6 +89,7 @@ class Verification:
     inputs_from: str = "seed 0 random inputs"
     runs: int = 1  # how many times both models ran (one per sample)
     framework: bool = False  # the reference is the source framework's forward pass, not an ONNX model
+    samples: bool = False  # the inputs were real samples (not random ones)
 
 
 @dataclass
@@ -290,7 +291,7 @@ def _run(sess: ort.InferenceSession, names: list[str], feeds: Feeds, what: str) 
     try:
         return [np.asarray(o) for o in sess.run(names, feeds)]
     except Exception as exc:  # ORT raises several unrelated types for inputs it refuses
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        first = first_line(exc)
         raise InputError(f"{what}: the original model cannot run it ({first})") from None
 
 
@@ -317,7 +318,7 @@ def verify(
         try:
             sess = session(reference.model)
         except Exception as exc:  # ORT raises several unrelated types for models it refuses
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+            first = first_line(exc)
             raise InputError(f"the original model does not run in ONNX Runtime: {first}") from None
         if random:
             shapes = resolve_shapes(sess.get_inputs(), input_shapes)
@@ -340,7 +341,7 @@ def verify(
         label = reference.label if reference.model is not None else f"{reference.label} on {s.source}"
         shapes = {k: list(v.shape) for k, v in s.feeds[0].items()} if s.feeds else {}
         v = Verification(True, atol, rtol, seed, shapes, reference=label, inputs_from=s.source, runs=len(s.feeds))
-        v.framework = reference.model is None
+        v.framework, v.samples = reference.model is None, s.samples
         if any(len(w) != len(names) for w in w_runs):
             v.passed = False
             detail = f"{len(names)} outputs, the reference returned {len(w_runs[0])}"

@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
         "serve",
         help="serve models over the Open Inference Protocol V2 (KServe/Triton REST)",
         description="Serve ONNX models over HTTP (Open Inference Protocol V2), folding BatchNorm on load. "
-        "Every setting can also come from the environment (BNFOLD_HOST, BNFOLD_PORT, ...; see README); "
+        "Every setting can also come from the environment (BNFOLD_HOST, BNFOLD_PORT, ...; see docs/serving.md); "
         "flags win over the environment. With no model and no repository: the bundled `digits` model.",
     )
     serve.add_argument("model", nargs="?", type=Path, help="one ONNX file to serve (model name: its file stem)")

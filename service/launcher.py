@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import logging
 import os
 import signal
 import socket
@@ -31,7 +32,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Collection, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -203,6 +204,12 @@ class ThreadServer:
     app: Any  # the ASGI app from create_app; ``app.app.state.dataplane`` holds the models
     port: int
     host: str = "127.0.0.1"
+    log: list[str] = field(default_factory=list)  # the server's log lines, tracebacks included
+
+    def output(self) -> str:
+        """Everything logged so far on the ``bnfold`` and ``uvicorn`` loggers, INFO and above. They are process-wide:
+        lines of another in-thread server running at the same time show here too."""
+        return "\n".join(self.log)
 
     @property
     def url(self) -> str:
@@ -213,11 +220,46 @@ class ThreadServer:
         return f"{self.host}:{self.port}"
 
 
+class _Lines(logging.Handler):
+    def __init__(self, lines: list[str]) -> None:
+        super().__init__(logging.INFO)
+        self.lines = lines
+        self.setFormatter(logging.Formatter("%(levelname)s:%(name)s: %(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(self.format(record))
+
+
+@contextlib.contextmanager
+def _captured(lines: list[str], names: Sequence[str] = ("bnfold", "uvicorn")) -> Iterator[None]:
+    """The named loggers at INFO, their records also kept in ``lines``; levels restored afterwards."""
+    handler = _Lines(lines)
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.INFO)
+        lg.addHandler(handler)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.removeHandler(handler)
+            lg.setLevel(level)
+
+
 @contextlib.contextmanager
 def in_thread(settings: Settings | None = None, timeout: float = 120) -> Iterator[ThreadServer]:
     """Serve ``create_app(settings)`` with uvicorn in a thread, on a free port of 127.0.0.1 (``settings.port``
     is ignored; gRPC runs only when ``settings`` sets ``grpc_port`` explicitly); yields once the lifespan has
-    started, i.e. once the models are loaded."""
+    started, i.e. once the models are loaded. uvicorn leaves this
+    process's logging configuration alone; the server's log lines are kept (:meth:`ThreadServer.output`)."""
+    lines: list[str] = []
+    with _captured(lines), _serve_in_thread(settings, timeout) as (app, port):
+        yield ThreadServer(app, port, log=lines)
+
+
+@contextlib.contextmanager
+def _serve_in_thread(settings: Settings | None, timeout: float) -> Iterator[tuple[Any, int]]:
     import uvicorn  # noqa: PLC0415  (the launcher itself needs no web stack)
 
     from service.app import create_app  # noqa: PLC0415
@@ -229,7 +271,7 @@ def in_thread(settings: Settings | None = None, timeout: float = 120) -> Iterato
     app = create_app(settings)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))  # bound here and handed to uvicorn: no race for the port
-    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on")
+    config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="on")
     server = uvicorn.Server(config)
     exit_codes: list[object] = []
 
@@ -250,7 +292,7 @@ def in_thread(settings: Settings | None = None, timeout: float = 120) -> Iterato
             if time.monotonic() > deadline:
                 raise LaunchError(f"the in-thread server did not start in {timeout:g} s")
             time.sleep(0.01)
-        yield ThreadServer(app, int(sock.getsockname()[1]))
+        yield app, int(sock.getsockname()[1])
     finally:
         server.should_exit = True
         thread.join(timeout)

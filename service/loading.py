@@ -18,6 +18,7 @@ from service.datatypes import DATATYPES, ORT_TO_V2
 from service.errors import ModelLoadError
 from service.model import LoadedModel, TensorSpec
 from service.model_config import DynamicBatching, ModelConfig
+from service.samples import SAMPLES_FILE, sample_feeds, samples_for
 from service.settings import PROVIDER_NAMES, Settings
 from service.tensors import Array
 
@@ -37,9 +38,10 @@ def load_model(name: str, version: str, path: Path, config: ModelConfig, setting
     fold_report: Report | None = None
     source: str | bytes = str(path)
     fold = settings.fold_on_load if config.fold_on_load is None else config.fold_on_load
+    samples = samples_for(path)  # DIR/<name>/samples.npz: verify the fold on real inputs instead of random ones
     try:
         if fold and _has_batchnorm(path):
-            result = convert(path, bn="fold")
+            result = convert(path, bn="fold", inputs=[samples] if samples else (), random=samples is None)
             fold_report = result.report
             source = result.model.SerializeToString()
             log.info(
@@ -87,6 +89,7 @@ def load_model(name: str, version: str, path: Path, config: ModelConfig, setting
         fold_report,
         batching=batching,
     )
+    model.samples = samples
     _warm_up(model, settings.warmup_runs)
     model.load_seconds = time.perf_counter() - start
     return model
@@ -159,6 +162,19 @@ def _spec(arg: ort.NodeArg) -> TensorSpec:
 
 
 def _warm_up(model: LoadedModel, runs: int) -> None:
+    if model.samples is not None:  # the model's real inputs, one sample per run
+        runs_on = sample_feeds(model.samples, [(t.name, t.datatype, t.shape) for t in model.inputs])
+        model.warmup_inputs = f"{len(runs_on)} samples from {SAMPLES_FILE}"
+    else:
+        runs_on = [_random_feeds(model)]
+    for i in range(runs):
+        try:
+            model.session.run(None, runs_on[i % len(runs_on)])
+        except Exception as exc:
+            raise ModelLoadError(f"{model.path}: warm-up inference failed: {first_line(exc)}") from None
+
+
+def _random_feeds(model: LoadedModel) -> dict[str, Array]:
     rng = np.random.default_rng(0)
     feeds: dict[str, Array] = {}
     for spec in model.inputs:
@@ -170,8 +186,4 @@ def _warm_up(model: LoadedModel, runs: int) -> None:
             feeds[spec.name] = rng.standard_normal(shape).astype(dtype)
         else:
             feeds[spec.name] = np.zeros(shape, dtype=dtype)
-    for _ in range(runs):
-        try:
-            model.session.run(None, feeds)
-        except Exception as exc:
-            raise ModelLoadError(f"{model.path}: warm-up inference failed: {first_line(exc)}") from None
+    return feeds

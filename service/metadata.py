@@ -8,6 +8,7 @@ from converter import Report
 from service import __version__
 from service.batcher import BatchPolicy
 from service.model import LoadedModel, TensorSpec
+from service.samples import SAMPLES_FILE
 
 SERVER_NAME = "bnfold"
 PLATFORM = "onnxruntime_onnx"
@@ -34,6 +35,7 @@ def model_metadata(model: LoadedModel, versions: list[str], transports: list[str
             "max_batch_size": model.max_batch_size,
             "dynamic_batching": model.batching.metadata() if model.batching else None,
             "folded": fold_summary(model.fold),
+            "warmup_inputs": model.warmup_inputs,
             "transports": transports,
         },
     }
@@ -82,5 +84,11 @@ def fold_summary(report: Report | None) -> dict[str, Any] | None:
         "kept": [{"name": r.name, "reason": r.reason} for r in report.kept],
         "verification": None
         if v is None
-        else {"passed": v.passed, "max_abs": max((o.max_abs for o in v.outputs), default=0.0)},
+        else {
+            "passed": v.passed,
+            "max_abs": max((o.max_abs for o in v.outputs), default=0.0),
+            "inputs": SAMPLES_FILE if v.samples else "random",
+            "runs": v.runs,
+            "top1": {o.name: o.top1 for o in v.outputs if o.top1 is not None},
+        },
     }

@@ -56,6 +56,8 @@ class LoadedModel:
     fold: Report | None = None
     load_seconds: float = 0.0
     batching: BatchPolicy | None = None  # dynamic batching (service.batcher); None: each request runs alone
+    samples: Path | None = None  # DIR/<name>/samples.npz: real inputs for fold verification and warm-up
+    warmup_inputs: str = "seed 0 random inputs"
     inputs_by_name: dict[str, TensorSpec] = field(init=False)
     outputs_by_name: dict[str, TensorSpec] = field(init=False)
     output_names: list[str] = field(init=False)

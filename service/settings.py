@@ -1,6 +1,6 @@
 """Every setting of the service, from the environment (prefix ``BNFOLD_``) or the ``bnfold serve`` flags.
 
-The README's settings table is generated from these field descriptions (``tests/test_readme.py`` keeps it in
+The settings table in docs/serving.md is generated from these field descriptions (``tests/test_readme.py`` keeps it in
 step), so the description here is the documentation.
 """
 
@@ -153,7 +153,7 @@ def unknown_variables(environ: Mapping[str, str] | None = None) -> list[str]:
 
 
 def settings_table() -> str:
-    """The README's settings table (Markdown), generated from the fields above."""
+    """The settings table of docs/serving.md (Markdown), generated from the fields above."""
     rows = ["| Variable | Default | What it does |", "| --- | --- | --- |"]
     for name, field in Settings.model_fields.items():
         if field.default_factory is not None:

@@ -34,6 +34,6 @@ def mount(app: FastAPI, settings: Settings) -> None:
         return
     app.mount("/ui", StaticFiles(directory=STATIC), name="ui")
 
-    @app.get("/", include_in_schema=False)
+    @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
     async def index() -> FileResponse:
         return FileResponse(STATIC / "index.html", media_type="text/html; charset=utf-8", headers=HEADERS)

@@ -19,6 +19,7 @@ def test_page_and_its_files_are_served(ui_server: Server) -> None:
         assert page.headers["content-type"].startswith("text/html")
         assert "default-src 'self'" in page.headers["content-security-policy"]
         assert '<script src="ui/app.js" defer></script>' in page.text
+        assert c.head("/").status_code == 200
         for name, kind in (("app.js", "javascript"), ("app.css", "text/css"), ("digits.json", "application/json")):
             r = c.get(f"/ui/{name}")
             assert r.status_code == 200 and kind in r.headers["content-type"], name

@@ -126,7 +126,7 @@ def start(tmp: Path, *args: str, env: dict[str, str] | None = None, ready: bool 
 def in_process(**settings: Any) -> Iterator[InThread]:
     """``create_app(Settings(**settings))`` served in a thread of the test process (warm-up: one run)."""
     with in_thread(Settings(**{"warmup_runs": 1, "grpc_port": 0, **settings})) as srv:
-        yield InThread(srv.app, srv.port)
+        yield InThread(srv.app, srv.port, srv.host, srv.log)
 
 
 class HeldRuns:

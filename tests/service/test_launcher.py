@@ -34,3 +34,8 @@ def test_an_in_thread_app_that_fails_its_start_up_is_a_launch_error() -> None:
     settings = Settings(providers=["cuda", "cpu"], provider_policy="strict", warmup_runs=0)
     with pytest.raises(LaunchError, match="stopped during start-up"), in_thread(settings):
         pass
+
+
+def test_an_in_thread_server_keeps_its_log_lines() -> None:
+    with in_thread(Settings(warmup_runs=0)) as server:
+        assert "model digits version 1 ready" in server.output()

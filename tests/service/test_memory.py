@@ -13,6 +13,7 @@ import os
 import platform
 import subprocess
 import sys
+import threading
 
 import pytest
 
@@ -60,6 +61,9 @@ def test_service_start_applies_the_setting(monkeypatch: pytest.MonkeyPatch, sett
     calls: list[bool] = []
     monkeypatch.setattr(memory, "reuse_large_buffers", lambda: calls.append(True) or True)
     svc = DataPlane(Settings(reuse_large_buffers=setting))
-    asyncio.run(svc.start())
+    # a thread of its own: a browser test's sync Playwright may have left an event loop running in this thread
+    starter = threading.Thread(target=asyncio.run, args=(svc.start(),))
+    starter.start()
+    starter.join()
     svc.stop()
     assert calls == ([True] if setting else [])

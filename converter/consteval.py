@@ -1,0 +1,219 @@
+"""A small whitelisted evaluator for constant expressions: the shape and selection ops exporters put on weights.
+
+``nn.Linear`` exports as ``MatMul(x, Transpose(W))``; other exporters reshape, cast, concatenate or slice stored
+parameters. When every input of such a node is a constant its output is one too, and :func:`evaluate` computes it
+with numpy. Only the ops in :data:`OPS` are evaluated, each as the ONNX operator of the model's opset defines it;
+anything else (or an input it cannot read, such as a bfloat16 cast) makes the value non-constant, never a guess.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+from onnx import NodeProto, TensorProto, helper
+
+Array = NDArray[Any]
+
+#: Ops whose output is a constant when their inputs are (``Constant`` itself is read by the graph index).
+OPS = frozenset(
+    {"Identity", "Transpose", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Cast", "Concat", "Slice", "Gather"}
+)
+
+#: Largest constant the evaluator produces (elements): bigger expressions stay what they are.
+MAX_ELEMENTS = 1 << 27
+
+_CASTABLE = {
+    TensorProto.FLOAT,
+    TensorProto.DOUBLE,
+    TensorProto.FLOAT16,
+    TensorProto.INT8,
+    TensorProto.INT16,
+    TensorProto.INT32,
+    TensorProto.INT64,
+    TensorProto.UINT8,
+    TensorProto.UINT16,
+    TensorProto.UINT32,
+    TensorProto.UINT64,
+    TensorProto.BOOL,
+}
+
+
+def evaluate(node: NodeProto, inputs: Sequence[Array | None], opset: int) -> Array | None:
+    """The first output of ``node`` given its constant inputs (None for an absent optional one), or None."""
+    fn = _EVAL.get(node.op_type)
+    if fn is None or node.domain not in ("", "ai.onnx"):
+        return None
+    try:
+        out = fn(node, list(inputs), opset)
+    except (ValueError, IndexError, TypeError, KeyError):  # a malformed node: not a constant we can vouch for
+        return None
+    if out is None or out.size > MAX_ELEMENTS:
+        return None
+    return np.ascontiguousarray(out)
+
+
+def attribute(node: NodeProto, name: str, default: object = None) -> object:
+    for attr in node.attribute:
+        if attr.name == name:
+            return helper.get_attribute_value(attr)
+    return default
+
+
+def int_attribute(node: NodeProto, name: str, default: int) -> int:
+    value = attribute(node, name, default)
+    return int(value) if isinstance(value, int) else default
+
+
+def ints_attribute(node: NodeProto, name: str) -> list[int]:
+    """A list-of-ints attribute; [] when absent."""
+    return _ints(attribute(node, name, []))
+
+
+def _ints(value: object) -> list[int]:
+    return [int(v) for v in value] if isinstance(value, list | tuple) else []
+
+
+def _axes(node: NodeProto, inputs: list[Array | None], opset: int, since: int) -> list[int] | None:
+    """``axes`` from the attribute (before ``since``) or the second input (from ``since``); None when absent."""
+    if opset < since:
+        value = attribute(node, "axes")
+        return None if value is None else _ints(value)
+    if len(inputs) > 1 and inputs[1] is not None:
+        return [int(a) for a in np.asarray(inputs[1]).reshape(-1)]
+    return None
+
+
+def _identity(node: NodeProto, x: list[Array | None], opset: int) -> Array | None:
+    return x[0]
+
+
+def _transpose(node: NodeProto, x: list[Array | None], opset: int) -> Array | None:
+    data = x[0]
+    if data is None:
+        return None
+    perm = attribute(node, "perm")
+    return np.transpose(data, _ints(perm) if perm is not None else None)
+
+
+def _reshape(node: NodeProto, x: list[Array | None], opset: int) -> Array | None:
+    data = x[0]
+    if data is None:
+        return None
+    if opset < 5:
+        shape = _ints(attribute(node, "shape", []))
+    elif len(x) > 1 and x[1] is not None:
+        shape = [int(d) for d in np.asarray(x[1]).reshape(-1)]
+    else:
+        return None
+    if not attribute(node, "allowzero", 0):
+        shape = [data.shape[i] if d == 0 else d for i, d in enumerate(shape)]
+    return data.reshape(shape)
+
+
+def _unsqueeze(node: NodeProto, x: list[Array | None], opset: int) -> Array | None:
+    data, axes = x[0], _axes(node, x, opset, 13)
+    if data is None or axes is None:
+        return None
+    rank = data.ndim + len(axes)
+    out = data
+    for a in sorted(a + rank if a < 0 else a for a in axes):
+        out = np.expand_dims(out, a)
+    return out
+
+
+def _squeeze(node: NodeProto, x: list[Array | None], opset: int) -> Array | None:
+    data = x[0]
+    if data is None:
+        return None
+    axes = _axes(node, x, opset, 13)
+    if axes is None:
+        return np.squeeze(data)
+    normalised = tuple(a + data.ndim if a < 0 else a for a in axes)
+    if any(data.shape[a] != 1 for a in normalised):
+        return None
+    return np.squeeze(data, axis=normalised)
+
+
+def _flatten(node: NodeProto, x: list[Array | None], opset: int) -> Array | None:
+    data = x[0]
+    if data is None:
+        return None
+    axis = int_attribute(node, "axis", 1)
+    axis = axis + data.ndim if axis < 0 else axis
+    outer = int(np.prod(data.shape[:axis], dtype=np.int64))
+    return data.reshape(outer, -1) if data.size else data.reshape(outer, int(np.prod(data.shape[axis:])))
+
+
+def _cast(node: NodeProto, x: list[Array | None], opset: int) -> Array | None:
+    data = x[0]
+    to = attribute(node, "to")
+    if data is None or not isinstance(to, int) or to not in _CASTABLE or data.dtype.kind not in "fiub":
+        return None
+    return data.astype(helper.tensor_dtype_to_np_dtype(to))
+
+
+def _concat(node: NodeProto, x: list[Array | None], opset: int) -> Array | None:
+    if not x or any(v is None for v in x):
+        return None
+    return np.concatenate([v for v in x if v is not None], axis=int_attribute(node, "axis", 0))
+
+
+def _slice(node: NodeProto, x: list[Array | None], opset: int) -> Array | None:
+    data = x[0]
+    if data is None:
+        return None
+    if opset < 10:
+        starts, ends = _ints(attribute(node, "starts", [])), _ints(attribute(node, "ends", []))
+        axes_attr = attribute(node, "axes")
+        axes = _ints(axes_attr) if axes_attr is not None else list(range(len(starts)))
+        steps = [1] * len(starts)
+    else:
+        if len(x) < 3 or x[1] is None or x[2] is None:
+            return None
+        starts, ends = [int(v) for v in x[1].reshape(-1)], [int(v) for v in x[2].reshape(-1)]
+        axes = [int(v) for v in x[3].reshape(-1)] if len(x) > 3 and x[3] is not None else list(range(len(starts)))
+        steps = [int(v) for v in x[4].reshape(-1)] if len(x) > 4 and x[4] is not None else [1] * len(starts)
+    out = data
+    for first, last, along, step in zip(starts, ends, axes, steps, strict=True):
+        axis = along + data.ndim if along < 0 else along
+        dim = data.shape[axis]
+        if step == 0:
+            return None
+        start = first + dim if first < 0 else first
+        end = last + dim if last < 0 else last
+        if step > 0:
+            start, end = min(max(start, 0), dim), min(max(end, 0), dim)
+        else:
+            start, end = min(max(start, 0), dim - 1), min(max(end, -1), dim - 1)
+        out = np.take(out, np.arange(start, end, step, dtype=np.int64), axis=axis)
+    return out
+
+
+def _gather(node: NodeProto, x: list[Array | None], opset: int) -> Array | None:
+    data, indices = x[0], x[1] if len(x) > 1 else None
+    if data is None or indices is None or indices.dtype.kind not in "iu":
+        return None
+    axis = int_attribute(node, "axis", 0)
+    axis = axis + data.ndim if axis < 0 else axis
+    idx = np.asarray(indices, dtype=np.int64)
+    idx = np.where(idx < 0, idx + data.shape[axis], idx)
+    if np.any(idx < 0) or np.any(idx >= data.shape[axis]):
+        return None
+    return np.take(data, idx, axis=axis)
+
+
+_EVAL: dict[str, Callable[[NodeProto, list[Array | None], int], Array | None]] = {
+    "Identity": _identity,
+    "Transpose": _transpose,
+    "Reshape": _reshape,
+    "Unsqueeze": _unsqueeze,
+    "Squeeze": _squeeze,
+    "Flatten": _flatten,
+    "Cast": _cast,
+    "Concat": _concat,
+    "Slice": _slice,
+    "Gather": _gather,
+}
