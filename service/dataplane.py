@@ -10,7 +10,8 @@ One inference (:meth:`DataPlane.infer`)::
 
 Admission comes before the body is read, so a flood of slow uploads is bounded by the queue too. The
 scheduler is the seam for batching: :meth:`DataPlane.compute_for` picks what runs a model's
-:class:`~service.scheduler.Work`; a per-model batcher with the same ``run`` can take the scheduler's place.
+:class:`~service.scheduler.Work`: the scheduler, or the model's :class:`~service.batcher.Batcher` (same ``run``),
+which joins concurrent requests into one run on the scheduler's threads.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import gc
 import logging
 import secrets
 import time
+import weakref
 from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any, TypeVar
@@ -27,6 +29,7 @@ from typing import Any, TypeVar
 import onnxruntime as ort
 
 from service import memory, metadata, serverinfo
+from service.batcher import Batcher
 from service.errors import ClientGone, Internal, ServiceError, Unauthorized, Unavailable
 from service.metrics import Metrics
 from service.model import LoadedModel
@@ -52,6 +55,8 @@ class DataPlane:
         self.metrics = Metrics()
         self.repository = Repository(settings, on_change=self._model_changed)
         self.scheduler: Scheduler | None = None
+        # per model version; weak, so a replaced version's batcher goes with it
+        self._batchers: weakref.WeakKeyDictionary[LoadedModel, Batcher] = weakref.WeakKeyDictionary()
         self.transports: list[str] = ["rest"]
         self.started = False
         self.draining = False
@@ -99,10 +104,16 @@ class DataPlane:
         return model.name, model.version, not self.draining
 
     # ------------------------------------------------------------------------------------ inference
-    def compute_for(self, model: LoadedModel) -> Scheduler:
-        """What runs this model's work: the shared scheduler (a per-model batcher would go here)."""
+    def compute_for(self, model: LoadedModel) -> Scheduler | Batcher:
+        """What runs this model's work: its batcher when it batches (made on first use), else the scheduler."""
         assert self.scheduler is not None, "the dataplane has not started"
-        return self.scheduler
+        if model.batching is None:
+            return self.scheduler
+        batcher = self._batchers.get(model)
+        if batcher is None:
+            metrics = self.metrics.batch(model.name, model.version)
+            batcher = self._batchers[model] = Batcher(model, model.batching, self.scheduler, metrics)
+        return batcher
 
     async def infer(
         self,
@@ -122,7 +133,9 @@ class DataPlane:
         """
         started = time.monotonic()
         model = self.model(name, version, credentials)
-        scheduler = self.compute_for(model)
+        assert self.scheduler is not None, "the dataplane has not started"
+        scheduler = self.scheduler
+        compute = self.compute_for(model)
         bound = self.metrics.bind(model.name, model.version, model.provider, transport)
         try:
             scheduler.admit()
@@ -136,10 +149,10 @@ class DataPlane:
                 finish = partial(_finish, model, request, names, encode)
                 work: Work[T] = Work(model, feeds, names, finish)
                 if deadline is None:
-                    result, queued = await scheduler.run(work, None, None)
+                    result, queued = await compute.run(work, None, None)
                 else:
                     work.run_options = options = ort.RunOptions()
-                    result, queued = await scheduler.run(work, deadline, partial(setattr, options, "terminate", True))
+                    result, queued = await compute.run(work, deadline, partial(setattr, options, "terminate", True))
             finally:
                 scheduler.release()
         except ServiceError as exc:

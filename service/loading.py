@@ -13,10 +13,11 @@ import onnxruntime as ort
 
 from converter import ConversionError, Report, convert
 from converter.errors import first_line
+from service.batcher import BatchPolicy, check_batchable
 from service.datatypes import DATATYPES, ORT_TO_V2
 from service.errors import ModelLoadError
 from service.model import LoadedModel, TensorSpec
-from service.model_config import ModelConfig
+from service.model_config import DynamicBatching, ModelConfig
 from service.samples import SAMPLES_FILE, sample_feeds, samples_for
 from service.settings import PROVIDER_NAMES, Settings
 from service.tensors import Array
@@ -73,13 +74,52 @@ def load_model(name: str, version: str, path: Path, config: ModelConfig, setting
     max_batch = config.max_batch_size if config.max_batch_size is not None else (1 if first_dynamic else 0)
     if max_batch > 0 and not all(len(t.shape) > 0 for t in inputs):
         raise ModelLoadError(f"{path}: max_batch_size {max_batch} needs a batch dimension on every input")
+    batching = _batch_policy(path, name, version, config, settings, inputs, outputs)
     model = LoadedModel(
-        name, version, path, session, inputs, outputs, max_batch, active, requested, config, fold_report
+        name,
+        version,
+        path,
+        session,
+        inputs,
+        outputs,
+        batching.max_batch_size if batching else max_batch,
+        active,
+        requested,
+        config,
+        fold_report,
+        batching=batching,
     )
     model.samples = samples
     _warm_up(model, settings.warmup_runs)
     model.load_seconds = time.perf_counter() - start
     return model
+
+
+def _batch_policy(
+    path: Path,
+    name: str,
+    version: str,
+    config: ModelConfig,
+    settings: Settings,
+    inputs: list[TensorSpec],
+    outputs: list[TensorSpec],
+) -> BatchPolicy | None:
+    """The model's dynamic batching, or None. Asked for in config.json: a model that cannot be batched exactly
+    fails to load; asked for server-wide (BNFOLD_DYNAMIC_BATCHING): such a model serves unbatched."""
+    if config.dynamic_batching is not None:
+        size = config.max_batch_size if config.max_batch_size is not None else settings.max_batch_size
+        check_batchable(path, inputs, outputs, size)
+        return BatchPolicy.of(size, config.dynamic_batching)
+    if not settings.dynamic_batching or config.max_batch_size == 0:
+        return None
+    size = config.max_batch_size if config.max_batch_size is not None else settings.max_batch_size
+    try:
+        check_batchable(path, inputs, outputs, size)
+    except ModelLoadError as exc:
+        log.info("%s/%s serves unbatched: %s", name, version, str(exc).removeprefix(f"{path}: "))
+        return None
+    delay = DynamicBatching(max_queue_delay_microseconds=settings.max_queue_delay_microseconds)
+    return BatchPolicy.of(size, delay)
 
 
 def usable_cpus() -> int:

@@ -6,6 +6,7 @@ from typing import Any
 
 from converter import Report
 from service import __version__
+from service.batcher import BatchPolicy
 from service.model import LoadedModel, TensorSpec
 from service.samples import SAMPLES_FILE
 
@@ -32,6 +33,7 @@ def model_metadata(model: LoadedModel, versions: list[str], transports: list[str
             "providers": model.providers,
             "requested_providers": model.requested_providers,
             "max_batch_size": model.max_batch_size,
+            "dynamic_batching": model.batching.metadata() if model.batching else None,
             "folded": fold_summary(model.fold),
             "warmup_inputs": model.warmup_inputs,
             "transports": transports,
@@ -55,6 +57,7 @@ def triton_config(model: LoadedModel) -> dict[str, Any]:
         "platform": PLATFORM,
         "backend": "onnxruntime",
         "max_batch_size": model.max_batch_size,
+        **({"dynamic_batching": _triton_batching(model.batching)} if model.batching else {}),
         "input": [entry(t) for t in model.inputs],
         "output": [entry(t) for t in model.outputs],
         "bnfold": {
@@ -65,6 +68,11 @@ def triton_config(model: LoadedModel) -> dict[str, Any]:
             "preprocessing": model.config.model_dump(include={"scale", "mean", "std", "layout"}, exclude_none=True),
         },
     }
+
+
+def _triton_batching(policy: BatchPolicy) -> dict[str, Any]:
+    meta = policy.metadata()
+    return {k: meta[k] for k in ("max_queue_delay_microseconds", "preferred_batch_size")}
 
 
 def fold_summary(report: Report | None) -> dict[str, Any] | None:

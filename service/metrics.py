@@ -20,6 +20,26 @@ LABELS = ("model", "version", "provider", "transport")
 BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
+# rows per ONNX Runtime run of a batched model
+BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 256)
+
+
+@dataclass
+class BatchMetrics:
+    """One batched model version's figures: rows per execution, executions, and each request's wait."""
+
+    size: Any
+    executions: Any
+    delay: Any
+
+    def observe(self, rows: int, waits: list[float]) -> None:
+        """One ONNX Runtime run of ``rows`` rows; ``waits``: seconds each request queued (thread-safe)."""
+        self.size.observe(rows)
+        self.executions.inc()
+        for wait in waits:
+            self.delay.observe(wait)
+
+
 @dataclass
 class Bound:
     """The metrics of one (model, version, provider), labels resolved once rather than per request."""
@@ -71,6 +91,26 @@ class Metrics:
             registry=r,
         )
 
+        self.batch_size = Histogram(
+            "bnfold_batch_size",
+            "Rows per ONNX Runtime run of a dynamically batched model",
+            ("model", "version"),
+            buckets=BATCH_BUCKETS,
+            registry=r,
+        )
+        self.executions = Counter(
+            "bnfold_inference_exec_count",
+            "ONNX Runtime runs of a dynamically batched model (compare with bnfold_inference_success: requests)",
+            ("model", "version"),
+            registry=r,
+        )
+        self.batch_delay = Histogram(
+            "bnfold_batch_queue_duration_seconds",
+            "Time a request of a dynamically batched model waited for its batch to start",
+            ("model", "version"),
+            buckets=BUCKETS,
+            registry=r,
+        )
         self._bound: dict[tuple[str, str, str, str], Bound] = {}
 
     def bind(self, model: str, version: str, provider: str, transport: str) -> Bound:
@@ -86,6 +126,13 @@ class Metrics:
                 key,
             )
         return bound
+
+    def batch(self, model: str, version: str) -> BatchMetrics:
+        return BatchMetrics(
+            self.batch_size.labels(model, version),
+            self.executions.labels(model, version),
+            self.batch_delay.labels(model, version),
+        )
 
     def export(self) -> bytes:
         return generate_latest(self.registry)

@@ -22,6 +22,7 @@ from service.tensors import Array
 
 if TYPE_CHECKING:
     from converter import Report
+    from service.batcher import BatchPolicy
     from service.model_config import ModelConfig
 
 
@@ -40,7 +41,7 @@ class Timing:
     compute_seconds: float = 0.0
 
 
-@dataclass
+@dataclass(eq=False)  # identity: a loaded version is one object (and a dict key, e.g. for its batcher)
 class LoadedModel:
     name: str
     version: str
@@ -54,6 +55,7 @@ class LoadedModel:
     config: ModelConfig
     fold: Report | None = None
     load_seconds: float = 0.0
+    batching: BatchPolicy | None = None  # dynamic batching (service.batcher); None: each request runs alone
     samples: Path | None = None  # DIR/<name>/samples.npz: real inputs for fold verification and warm-up
     warmup_inputs: str = "seed 0 random inputs"
     inputs_by_name: dict[str, TensorSpec] = field(init=False)

@@ -10,6 +10,19 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from service.errors import ModelLoadError
 
 
+class DynamicBatching(BaseModel):
+    """Triton's ``dynamic_batching`` block: join concurrent requests into one run (see :mod:`service.batcher`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_queue_delay_microseconds: int = Field(
+        0, ge=0, le=10_000_000, description="How long a batch may wait for more rows while the model is busy."
+    )
+    preferred_batch_size: list[Annotated[int, Field(ge=1)]] = Field(
+        default_factory=list, description="Batch sizes worth waiting for (up to the queue delay)."
+    )
+
+
 class ModelConfig(BaseModel):
     """``DIR/<name>/config.json``: every field optional."""
 
@@ -20,6 +33,9 @@ class ModelConfig(BaseModel):
         ge=0,
         description="Largest batch (first dim) accepted; 0: no batch dimension. Default 1 when the "
         "first dim is dynamic, else 0.",
+    )
+    dynamic_batching: DynamicBatching | None = Field(
+        None, description="Run concurrent requests as one batch (needs a dynamic first dim on every tensor)."
     )
     labels: dict[str, list[str]] = Field(default_factory=dict, description="Class labels per output name.")
     providers: list[str] | None = Field(

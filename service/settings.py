@@ -76,6 +76,22 @@ class Settings(BaseSettings):
         "all", description="ONNX Runtime graph optimisation level for serving sessions."
     )
     warmup_runs: int = Field(3, ge=0, description="Inferences run on each model before it reports ready.")
+    dynamic_batching: bool = Field(
+        False,
+        description="Batch concurrent requests for every model whose config.json says nothing about it and whose "
+        "inputs and outputs all have a dynamic first dimension (a config's `dynamic_batching` block always wins).",
+    )
+    max_batch_size: int = Field(
+        8,
+        ge=1,
+        description="With `BNFOLD_DYNAMIC_BATCHING`: largest batch for models whose config sets no `max_batch_size`.",
+    )
+    max_queue_delay_microseconds: int = Field(
+        0,
+        ge=0,
+        le=10_000_000,
+        description="With `BNFOLD_DYNAMIC_BATCHING`: how long a batch may wait for more rows while the model is busy.",
+    )
     max_concurrency: int = Field(2, ge=1, description="Inferences computed at the same time, per process.")
     max_queue: int = Field(
         256, ge=0, description="Requests allowed to wait for a compute slot; beyond that the answer is 503."
