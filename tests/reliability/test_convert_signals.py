@@ -84,11 +84,21 @@ def stop_mid_conversion(proc: subprocess.Popen[str], out: Path) -> bool:
     return False
 
 
+@pytest.fixture
+def python_sigint() -> Any:
+    """Python's own SIGINT handler in this process for the test. A shell starts background jobs with SIGINT
+    ignored; Python then installs no KeyboardInterrupt handler, and a child would inherit the ignored SIGINT (a
+    handled one is reset to the default at exec, so the child's Python installs its own, as for a user's Ctrl-C)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 @pytest.mark.parametrize(
     ("sig", "code", "message"), [(signal.SIGTERM, 143, "terminated"), (signal.SIGINT, 130, "interrupted")]
 )
 def test_a_signal_mid_conversion_leaves_nothing_behind(
-    source: Path, tmp_path: Path, sig: signal.Signals, code: int, message: str
+    source: Path, tmp_path: Path, sig: signal.Signals, code: int, message: str, python_sigint: None
 ) -> None:
     for attempt in range(5):
         work = tmp_path / f"attempt{attempt}"
@@ -123,7 +133,7 @@ def test_a_signal_mid_conversion_leaves_nothing_behind(
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_the_moment_the_staging_directory_is_made_leaves_nothing(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sig: signal.Signals
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sig: signal.Signals, python_sigint: None
 ) -> None:
     """The narrowest window, made certain: the signal arrives as ``mkdtemp`` returns, before ``staged`` holds the
     directory. It is delivered once the directory is held, and the directory goes (found by the real-process test
