@@ -1,4 +1,4 @@
-"""Per-replica capacity (issue 17): what one ``bnfold serve`` replica on 1 CPU sustains, for autoscaling targets.
+"""Per-replica capacity: what one ``bnfold serve`` replica on 1 CPU sustains, for autoscaling targets.
 
 What runs, for each model (``digits``: the bundled 8×8 classifier, V2 JSON body; ``conv224``: the serving
 benchmark's 1×3×224×224 four-stage Conv+BN network, V2 binary-extension body as tritonclient sends it):

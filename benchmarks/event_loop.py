@@ -1,4 +1,4 @@
-"""bnfold on uvloop + httptools vs asyncio + h11 (issue 11): the same server, the same models, one run.
+"""bnfold on uvloop + httptools vs asyncio + h11: the same server, the same models, one run.
 
 Two ``bnfold serve`` processes up at once, both pinned to the server CPUs (each idle while the other is measured):
 one with uvloop and httptools (installed as dependencies), one where both are shadowed by modules that refuse to

@@ -2,7 +2,7 @@
 
     python -m benchmarks.tf_coverage [--out benchmarks/results/tf_coverage.json]   # needs the tensorflow extra
 
-For each case of :mod:`examples.tensorflow.cases` (plus the fine-tuned model with a frozen BN and the seed's
+For each case of :mod:`examples.tensorflow.cases` (plus the fine-tuned model with a frozen BN and a
 hand-written BN), it counts BatchNormalization nodes and constant Mul→Add pairs (:func:`tf_export.affine_pairs`)
 in (a) tf2onnx's default conversion (``tf2onnx.convert.from_function``, its grappler and ONNX optimizers on)
 and (b) bnfold's output, and reports bnfold's max relative error against TensorFlow (``training=False``) and
@@ -41,13 +41,13 @@ def main(argv: list[str] | None = None) -> int:
 
     from converter import convert_keras, tf_export
     from converter.tf_export import _quiet
-    from examples.tensorflow import cases, seed_bn
+    from examples.tensorflow import cases, manual_bn
 
     models: list[tuple[str, Any, Any]] = [(name, cases.build(name), None) for name in cases.CASES]
     models.append(("frozen BN, fine-tuned", cases.fine_tuned()[0], None))
-    net, _ = seed_bn.train(15)
-    spec = tf.TensorSpec([None, seed_bn.SIZE, seed_bn.SIZE, 1], tf.float32, name="image")
-    models.append(("seed hand-written BN", net, spec))
+    net, _ = manual_bn.train(15)
+    spec = tf.TensorSpec([None, manual_bn.SIZE, manual_bn.SIZE, 1], tf.float32, name="image")
+    models.append(("hand-written BN", net, spec))
     fused_spec = tf.TensorSpec([None, 8, 8, 3], tf.float32, name="x")
     models.append(("FusedBatchNormV3 (TF1)", cases.FusedBatchNormNet(), fused_spec))
     rows = []
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 class _KerasLike:
-    """The seed's tf.Module called like a Keras model (``training=`` → ``is_training=``)."""
+    """The hand-written BN's tf.Module called like a Keras model (``training=`` → ``is_training=``)."""
 
     def __init__(self, net: Any) -> None:
         self.net = net

@@ -205,7 +205,10 @@ def _close(got: float, shown: float) -> bool:
 
 
 def test_the_answer_comparison_tolerates_float32_digits_and_nothing_else() -> None:
-    """The two machines of issue 11 agree; a changed value beyond float32 noise, class, label or order does not."""
+    """Two CPUs' float32 digits of the quick start agree.
+
+    A change past float32 noise, or of class, label or order, does not.
+    """
     shown = {"outputs": [{"shape": [1, 3], "data": ["7.6319594:0:0", "-1.3225186:4:4", "-1.7319703:2:2"]}]}
     other_cpu = {"outputs": [{"shape": [1, 3], "data": ["7.6319604:0:0", "-1.3225185:4:4", "-1.7319708:2:2"]}]}
     assert same_answer(other_cpu, shown) == []

@@ -81,7 +81,7 @@ def fine_tuned(seed: int = 0, steps: int = 2) -> tuple[Any, list[Any]]:
 
 class FusedBatchNormNet:
     """Conv2D → ``FusedBatchNormV3`` (the op TF-Keras 2 and ``tf.compat.v1.layers`` emit; ONNX BatchNormalization
-    after export) → ReLU, as a tf.Module called like the seed network: ``net(x, is_training=False)``."""
+    after export) → ReLU, as a tf.Module called like the hand-written BN network: ``net(x, is_training=False)``."""
 
     def __init__(self, seed: int = 0) -> None:
         import tensorflow as tf  # noqa: PLC0415 - with keras already imported, this is cheap

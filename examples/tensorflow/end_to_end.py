@@ -1,16 +1,16 @@
-"""TensorFlow end to end: the seed's hand-written BatchNorm, trained, saved, folded with bnfold, served.
+"""TensorFlow end to end: a hand-written BatchNorm, trained, saved, folded with bnfold, served.
 
     python -m examples.tensorflow.end_to_end              # needs: pip install "bnfold[tensorflow]" (httpx to query)
     python -m examples.tensorflow.end_to_end --no-serve   # stop after converting
 
 1. Synthetic bars (12×12×1 NHWC images, horizontal or vertical), seeded, so no download is needed.
-2. :class:`examples.tensorflow.seed_bn.SeedNet`: conv → BN → conv → BN → dense → BN → dense, its BN written
+2. :class:`examples.tensorflow.manual_bn.ManualBNNet`: conv → BN → conv → BN → dense → BN → dense, its BN written
    by hand (``tf.nn.moments``, moving averages with momentum, ``is_training``, ``tf.nn.batch_normalization``),
    trained for a few SGD steps with the BN in training mode.
 3. ``tf.saved_model.save`` with the inference branch as ``serving_default`` — what a training job hands over.
-4. ``bnfold convert seed_bn/ -o seed_bn.onnx``: tf2onnx export (BN left as Mul/Add), every BN folded,
+4. ``bnfold convert manual_bn/ -o manual_bn.onnx``: tf2onnx export (BN left as Mul/Add), every BN folded,
    verified against the exported ONNX and against TensorFlow's inference outputs.
-5. ``bnfold serve seed_bn.onnx`` in a subprocess, and a few Open Inference Protocol V2 requests with httpx.
+5. ``bnfold serve manual_bn.onnx`` in a subprocess, and a few Open Inference Protocol V2 requests with httpx.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import onnxruntime as ort
 
 from converter import cli as converter_cli
 from converter import tf_export
-from examples.tensorflow import seed_bn
+from examples.tensorflow import manual_bn
 from service.launcher import LaunchError, bnfold_command, free_port, launch
 
 SEED = 0
@@ -70,7 +70,7 @@ def serve_and_query(model: Path, images: np.ndarray, port: int) -> int:
                 response.raise_for_status()
                 got = np.asarray(response.json()["outputs"][0]["data"], np.float32)
                 agree += bool(np.allclose(got, want, rtol=1e-6, atol=1e-6))
-                print(f"  POST /v2/models/{name}/infer -> {seed_bn.CLASSES[int(np.argmax(got))]}")
+                print(f"  POST /v2/models/{name}/infer -> {manual_bn.CLASSES[int(np.argmax(got))]}")
         print(f"served answers equal to ONNX Runtime's: {agree}/{len(images)}")
         return 0 if agree == len(images) else 1
     finally:
@@ -79,7 +79,7 @@ def serve_and_query(model: Path, images: np.ndarray, port: int) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
-    parser.add_argument("--workdir", type=Path, help="where to write seed_bn/ and seed_bn.onnx (default: temporary)")
+    parser.add_argument("--workdir", type=Path, help="where to write manual_bn/ and its .onnx (default: temporary)")
     parser.add_argument("--steps", type=int, default=40, help="training steps (default 40)")
     parser.add_argument("--port", type=int, help="port for bnfold serve (default: a free one)")
     parser.add_argument("--no-serve", action="store_true", help="stop after converting")
@@ -87,11 +87,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bnfold-tensorflow-"))
     workdir.mkdir(parents=True, exist_ok=True)
 
-    print(f"1-2. training the seed's hand-written BatchNorm network on synthetic bars ({args.steps} steps)")
-    net, accuracy = seed_bn.train(args.steps, SEED)
+    print(f"1-2. training a hand-written BatchNorm network on synthetic bars ({args.steps} steps)")
+    net, accuracy = manual_bn.train(args.steps, SEED)
     print(f"  held-out accuracy {accuracy:.1%}")
-    saved, out, report = workdir / "seed_bn", workdir / "seed_bn.onnx", workdir / "seed_bn.report.json"
-    seed_bn.save(net, saved)
+    saved, out, report = workdir / "manual_bn", workdir / "manual_bn.onnx", workdir / "manual_bn.report.json"
+    manual_bn.save(net, saved)
     print(f"3. saved the inference branch as a SavedModel: {saved}")
 
     print(f"4. $ bnfold convert {saved} -o {out}")
@@ -102,8 +102,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     left = tf_export.affine_pairs(onnx.load(str(out)))
     folded = sum(r["action"] == "folded" for r in layers)
     print(f"  {folded} per-channel maps folded (BatchNorms, and a conv bias Add); left: {left}")
-    images, _ = seed_bn.make_bars(100, np.random.default_rng(SEED + 2))
-    want = seed_bn.inference(net, images)
+    images, _ = manual_bn.make_bars(100, np.random.default_rng(SEED + 2))
+    want = manual_bn.inference(net, images)
     sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     got = sess.run(["logits"], {"image": images})[0]
     rel = float(np.abs(got - want).max() / np.abs(want).max())

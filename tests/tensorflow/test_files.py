@@ -1,4 +1,4 @@
-"""`bnfold convert` on .keras, .h5 and SavedModel inputs; refusals of unsafe ones; the seed's hand-written BN."""
+"""`bnfold convert` on .keras, .h5 and SavedModel inputs; refusals of unsafe ones; a hand-written BN."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ pytest.importorskip("tf2onnx")
 import keras  # noqa: E402
 
 from converter import cli, tf_export  # noqa: E402
-from examples.tensorflow import cases, seed_bn  # noqa: E402
+from examples.tensorflow import cases, manual_bn  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -77,11 +77,11 @@ def test_saved_model_reading_files_refused(tmp_path: Path, capsys: pytest.Captur
 
 
 def test_seed_hand_written_batchnorm(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """The seed's BN (moments, moving averages with momentum, is_training, tf.nn.batch_normalization), trained,
+    """A hand-written BN (moments, moving averages with momentum, is_training, tf.nn.batch_normalization), trained,
     saved, converted from its inference branch: no BN left, equal to TensorFlow's inference output."""
-    net, _ = seed_bn.train(steps=15)
+    net, _ = manual_bn.train(steps=15)
     assert float(np.abs(net.bn1.moving_mean.numpy()).max()) > 0  # training moved the running statistics
-    seed_bn.save(net, tmp_path / "seed")
+    manual_bn.save(net, tmp_path / "seed")
     out = tmp_path / "seed.onnx"
     code, text, err = convert(capsys, str(tmp_path / "seed"), "-o", str(out), "--input-shape", "2,12,12,1")
     assert code == 0, err
@@ -91,10 +91,10 @@ def test_seed_hand_written_batchnorm(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert not any(n.op_type in ("Sqrt", "Reciprocal", "Sub") for n in folded.graph.node)
     import onnxruntime as ort
 
-    images, _ = seed_bn.make_bars(5, np.random.default_rng(9))
+    images, _ = manual_bn.make_bars(5, np.random.default_rng(9))
     sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     got = sess.run(["logits"], {"image": images})[0]
-    want = seed_bn.inference(net, images)
+    want = manual_bn.inference(net, images)
     assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
 
 

@@ -1,11 +1,11 @@
-"""The seed's BatchNorm, written by hand in TensorFlow 2: batch moments, moving averages, an is_training switch.
+"""BatchNorm written by hand in TensorFlow 2: batch moments, moving averages, an is_training switch.
 
     y = tf.nn.batch_normalization(x, mean, var, beta, gamma, eps)
     training:  mean, var = tf.nn.moments(x, axes)          (the batch's statistics)
                moving ← momentum·moving + (1 − momentum)·batch
     inference: mean, var = moving_mean, moving_var
 
-:class:`SeedNet` is a small network built from it (no Keras): conv → BN → ReLU → conv → BN → ReLU → mean over
+:class:`ManualBNNet` is a small network built from it (no Keras): conv → BN → ReLU → conv → BN → ReLU → mean over
 the image → dense → BN → dense. :func:`train` runs a few SGD steps on synthetic images (horizontal vs vertical
 bars), :func:`save` writes a SavedModel whose ``serving_default`` signature is the inference branch
 (``is_training=False``), which is what ``bnfold convert`` reads.
@@ -24,8 +24,8 @@ SIZE = 12
 CLASSES = ("horizontal", "vertical")
 
 
-class SeedBatchNorm(tf.Module):
-    """BatchNorm over every axis but the last (NHWC images or NC features), exactly as the seed writes it."""
+class ManualBatchNorm(tf.Module):
+    """BatchNorm over every axis but the last (NHWC images or NC features), as hand-written TF 1.x-style code does."""
 
     def __init__(self, channels: int, momentum: float = 0.9, epsilon: float = 1e-3, name: str | None = None) -> None:
         super().__init__(name=name)
@@ -47,18 +47,18 @@ class SeedBatchNorm(tf.Module):
         return tf.nn.batch_normalization(x, mean, variance, self.beta, self.gamma, self.epsilon)
 
 
-class SeedNet(tf.Module):
+class ManualBNNet(tf.Module):
     def __init__(self, seed: int = 0) -> None:
-        super().__init__(name="seed_net")
+        super().__init__(name="manual_bn_net")
         init = tf.random.stateless_normal
         self.w1 = tf.Variable(init([3, 3, 1, 8], seed=[seed, 1]) * 0.4, name="conv1")
         self.b1 = tf.Variable(tf.zeros([8]), name="conv1_bias")
-        self.bn1 = SeedBatchNorm(8, name="bn1")
+        self.bn1 = ManualBatchNorm(8, name="bn1")
         self.w2 = tf.Variable(init([3, 3, 8, 16], seed=[seed, 2]) * 0.15, name="conv2")  # no bias
-        self.bn2 = SeedBatchNorm(16, name="bn2")
+        self.bn2 = ManualBatchNorm(16, name="bn2")
         self.w3 = tf.Variable(init([16, 16], seed=[seed, 3]) * 0.25, name="dense1")
         self.b3 = tf.Variable(tf.zeros([16]), name="dense1_bias")
-        self.bn3 = SeedBatchNorm(16, name="bn3")
+        self.bn3 = ManualBatchNorm(16, name="bn3")
         self.w4 = tf.Variable(init([16, len(CLASSES)], seed=[seed, 4]) * 0.25, name="dense2")
         self.b4 = tf.Variable(tf.zeros([len(CLASSES)]), name="dense2_bias")
 
@@ -89,11 +89,11 @@ def make_bars(n: int, rng: np.random.Generator) -> tuple[NDArray[np.float32], ND
     return images, labels
 
 
-def train(steps: int, seed: int = 0) -> tuple[SeedNet, float]:
+def train(steps: int, seed: int = 0) -> tuple[ManualBNNet, float]:
     """SGD with the BN in training mode (batch moments, moving averages updated); returns net and accuracy."""
     tf.random.set_seed(seed)
     rng = np.random.default_rng(seed)
-    net = SeedNet(seed)
+    net = ManualBNNet(seed)
     optimiser = tf.keras.optimizers.SGD(learning_rate=0.1)
     for _ in range(steps):
         x, y = make_bars(32, rng)
@@ -107,9 +107,9 @@ def train(steps: int, seed: int = 0) -> tuple[SeedNet, float]:
     return net, accuracy
 
 
-def save(net: SeedNet, path: Path) -> None:
+def save(net: ManualBNNet, path: Path) -> None:
     tf.saved_model.save(net, str(path), signatures={"serving_default": net.serve})
 
 
-def inference(net: SeedNet, images: NDArray[np.float32]) -> Any:
+def inference(net: ManualBNNet, images: NDArray[np.float32]) -> Any:
     return net(tf.constant(images), is_training=False).numpy()
