@@ -18,6 +18,8 @@ import pytest
 from tests.browser.conftest import IMAGE_CONFIGS, IMAGE_LABELS, Console, image_model
 from tests.service.servers import Server, start
 
+pytestmark = pytest.mark.slow  # chromium and a `bnfold serve` subprocess
+
 ROOT = Path(__file__).resolve().parents[2]
 SCREENSHOT = ROOT / "docs" / "images" / "ui.png"
 STATUS = re.compile(r"^(\S+) \((\d\.\d\d)\)$")  # "3 (0.98)"

@@ -8,10 +8,10 @@ and threads.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import threading
-import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -104,48 +104,46 @@ def test_excess_requests_get_503_with_retry_after_never_a_hang_or_500(small_queu
     assert "Traceback" not in small_queue.output()
 
 
-def test_every_request_past_the_admitted_ones_is_refused_at_once(small_queue: Server) -> None:
-    """Three uploads that never finish hold the three places (admitted before the body is read): while they do,
-    every further request is 503 with Retry-After, answered at once (a wait for a place would be a hang here,
-    since none frees up); once they go, requests are served again."""
-    wait_until(lambda: metric(small_queue, "bnfold_requests_in_flight") == 0, 30, what="no request in flight")
+@contextlib.contextmanager
+def places_held(server: Server) -> Iterator[None]:
+    """Three uploads that never finish hold the three places (a request is admitted before its body is read)."""
+    wait_until(lambda: metric(server, "bnfold_requests_in_flight") == 0, 30, what="no request in flight")
     head = request_bytes("POST", "/v2/models/slow/infer", SLOW_BODY)
-    holders = [socket.create_connection(("127.0.0.1", small_queue.port), timeout=30) for _ in range(3)]
+    holders = [socket.create_connection(("127.0.0.1", server.port), timeout=30) for _ in range(3)]
     try:
         for sock in holders:
             sock.sendall(head[: len(head) - len(SLOW_BODY) + 10])  # headers and 10 body bytes, then nothing
-        wait_until(lambda: metric(small_queue, "bnfold_requests_in_flight") == 3, 30, what="three places held")
+        wait_until(lambda: metric(server, "bnfold_requests_in_flight") == 3, 30, what="three places held")
+        yield
+    finally:
+        for sock in holders:
+            sock.close()
+    wait_until(lambda: metric(server, "bnfold_requests_in_flight") == 0, 30, what="the places given back")
+
+
+def test_every_request_past_the_admitted_ones_is_refused_at_once(small_queue: Server) -> None:
+    """While the three places are held, every further request is 503 with Retry-After, answered at once (a wait
+    for a place would be a hang here, since none frees up); once they go, requests are served again."""
+    with places_held(small_queue):
         replies: list[Reply | BaseException] = [
             call(small_queue.port, "POST", "/v2/models/slow/infer", SLOW_BODY) for _ in range(CLIENTS)
         ]
         assert check_burst(replies) == Counter({503: CLIENTS})
-    finally:
-        for sock in holders:
-            sock.close()
-    wait_until(lambda: metric(small_queue, "bnfold_requests_in_flight") == 0, 30, what="the places given back")
     assert call(small_queue.port, "POST", "/v2/models/slow/infer", SLOW_BODY).status == 200
 
 
 def test_health_metadata_and_metrics_answer_during_overload(small_queue: Server) -> None:
     """Only inference is admitted through the queue: probes keep answering while it is full."""
-    done = threading.Event()
-    probes: list[int] = []
-
-    def probe() -> None:
-        while not done.is_set():
-            for path in ("/v2/health/live", "/v2/health/ready", "/v2/models/slow", "/metrics"):
-                probes.append(call(small_queue.port, "GET", path, timeout=30).status)
-            time.sleep(0.02)
-
-    t = threading.Thread(target=probe)
-    t.start()
-    try:
-        statuses = check_burst(burst(small_queue, CLIENTS, 2))
-    finally:
-        done.set()
-        t.join(60)
-    assert statuses[503] >= 1
-    assert probes and set(probes) == {200}, Counter(probes)
+    with places_held(small_queue):
+        probes = [
+            call(small_queue.port, "GET", path, timeout=30).status
+            for _ in range(5)
+            for path in ("/v2/health/live", "/v2/health/ready", "/v2/models/slow", "/metrics")
+        ]
+        refused = check_burst([call(small_queue.port, "POST", "/v2/models/slow/infer", SLOW_BODY)])
+        assert metric(small_queue, "bnfold_requests_in_flight") == 3  # still full after the probes
+    assert refused == Counter({503: 1})
+    assert set(probes) == {200}, Counter(probes)
 
 
 def test_recovers_as_soon_as_load_drops(small_queue: Server) -> None:

@@ -30,8 +30,12 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
+
 from tests.reliability.helpers import SLOW, metric, read_reply, request_bytes, wait_until
 from tests.service.servers import Server, save, slow_model, start
+
+pytestmark = pytest.mark.slow  # a subprocess server and a signal
 
 SLOW_BODY = json.dumps(SLOW).encode()
 SLOW_REQUEST = request_bytes("POST", "/v2/models/slow/infer", SLOW_BODY)

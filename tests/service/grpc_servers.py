@@ -8,12 +8,12 @@ from pathlib import Path
 from onnx import helper
 
 from service.datatypes import V2_TYPES
-from tests.service.servers import Server, _model, build_repository, free_port, save, start
+from tests.service.servers import InThread, Server, _model, build_repository, free_port, save, start
 
 
 @dataclass
 class GrpcServer:
-    server: Server
+    server: Server | InThread
     grpc_port: int
 
     @property

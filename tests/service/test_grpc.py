@@ -1,9 +1,11 @@
-"""The V2 gRPC API of real `bnfold serve` processes, through the unmodified tritonclient.grpc: every datatype
-as raw and as typed contents equal to ONNX Runtime in process and to the REST answer; every error with its
-status code and REST's message; metadata, config, health, auth, limits, metrics; SIGTERM under gRPC load."""
+"""The V2 gRPC API through the unmodified tritonclient.grpc: every datatype as raw and as typed contents equal to
+ONNX Runtime in process and to the REST answer; every error with its status code and REST's message; metadata,
+config, health, auth, limits, metrics (servers in a thread of the test process); worker processes and SIGTERM
+under gRPC load (real `bnfold serve` processes, marked slow)."""
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import os
 import signal
 import threading
@@ -24,7 +26,7 @@ from tritonclient.utils import InferenceServerException
 from service.datatypes import V2_TYPES
 from tests.reliability.helpers import metric, wait_until
 from tests.service.grpc_servers import GrpcServer, build_grpc_repository, identity_model, start_grpc
-from tests.service.servers import save, slow_model
+from tests.service.servers import free_port, hold_inference, in_process, save, slow_model
 
 KEY = "s3cret"
 BEARER = {"authorization": f"Bearer {KEY}"}
@@ -37,25 +39,19 @@ def grepo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def served(grepo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GrpcServer]:
-    srv = start_grpc(tmp_path_factory.mktemp("glogs"), "--model-repository", str(grepo))
-    yield srv
-    assert srv.server.stop() == 0, srv.server.output()[-2000:]
+def served(grepo: Path) -> Iterator[GrpcServer]:
+    port = free_port()
+    with in_process(model_repository=grepo, grpc_port=port) as srv:
+        yield GrpcServer(srv, port)
 
 
 @pytest.fixture(scope="module")
-def limited(grepo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GrpcServer]:
+def limited(grepo: Path) -> Iterator[GrpcServer]:
     """An API key, one compute slot and one queue place, 64 KiB messages."""
-    env = {
-        "BNFOLD_API_KEY": KEY,
-        "BNFOLD_MAX_CONCURRENCY": "1",
-        "BNFOLD_MAX_QUEUE": "1",
-        "BNFOLD_MAX_BODY_BYTES": str(64 << 10),
-        "BNFOLD_RETRY_AFTER_SECONDS": "2",
-    }
-    srv = start_grpc(tmp_path_factory.mktemp("glimited"), "--model-repository", str(grepo), env=env)
-    yield srv
-    assert srv.server.stop() == 0, srv.server.output()[-2000:]
+    port = free_port()
+    limits = {"max_concurrency": 1, "max_queue": 1, "max_body_bytes": 64 << 10, "retry_after_seconds": 2}
+    with in_process(model_repository=grepo, grpc_port=port, api_key=KEY, **limits) as srv:
+        yield GrpcServer(srv, port)
 
 
 def sample(datatype: str, batch: int = 2) -> np.ndarray:
@@ -222,13 +218,11 @@ def test_health_service_follows_readiness(served: GrpcServer, tmp_path: Path) ->
     broken = repo / "broken" / "1" / "model.onnx"
     broken.parent.mkdir(parents=True)
     broken.write_bytes(b"not a model")
-    srv = start_grpc(tmp_path, "--model-repository", str(repo), ready=False)
-    try:
-        wait_until(lambda: "gRPC" in srv.server.output(), 60, what="gRPC listening")
-        assert health(srv.target, "") == health_pb2.HealthCheckResponse.NOT_SERVING
-        assert not tg.InferenceServerClient(srv.target).is_server_ready()
-    finally:
-        assert srv.server.stop() == 0
+    port = free_port()
+    with in_process(model_repository=repo, grpc_port=port) as srv:
+        assert health(f"127.0.0.1:{port}", "") == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert not tg.InferenceServerClient(f"127.0.0.1:{port}").is_server_ready()
+        assert srv.client().get("/v2/health/ready").status_code == 503
 
 
 # ------------------------------------------------------------------------------------------- errors
@@ -365,32 +359,31 @@ def test_message_size_limit_is_the_body_limit(limited: GrpcServer) -> None:
 
 
 def test_full_queue_is_unavailable_with_retry_after(limited: GrpcServer) -> None:
-    codes: list[grpc.StatusCode] = []
-    retry_after: set[str] = set()
-    lock = threading.Lock()
+    """One call computing (held inside ONNX Runtime) and one queued fill both places: every further call is
+    UNAVAILABLE at once, with Retry-After; once the held run goes, both admitted calls are answered."""
+    metadata = tuple(BEARER.items())
 
-    def worker() -> None:
+    def call() -> Any:
         with grpc.insecure_channel(limited.target) as channel:
-            stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
-            try:
-                stub.ModelInfer(slow_request(), metadata=tuple(BEARER.items()), timeout=120)
-                code = grpc.StatusCode.OK
-            except grpc.RpcError as exc:
-                code = exc.code()
-                if code == grpc.StatusCode.UNAVAILABLE:
-                    assert exc.details().startswith("server busy: 2 requests in flight (limit 2)")
-                    retry_after.update(v for k, v in exc.trailing_metadata() or () if k == "retry-after")
-            with lock:
-                codes.append(code)
+            return service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(
+                slow_request(), metadata=metadata, timeout=120
+            )
 
-    threads = [threading.Thread(target=worker) for _ in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE}, codes
-    assert codes.count(grpc.StatusCode.OK) >= 2 and codes.count(grpc.StatusCode.UNAVAILABLE) >= 1, codes
-    assert retry_after == {"2"}
+    pool = cf.ThreadPoolExecutor(2)
+    with hold_inference(1) as held:
+        first = pool.submit(call)
+        held.wait_entered()
+        second = pool.submit(call)
+        wait_until(lambda: metric(limited.server, "bnfold_requests_in_flight") == 2, 60, what="both places taken")
+        for _ in range(3):
+            error = grpc_error(limited.target, slow_request(), metadata=metadata, timeout=60)
+            assert error.code() == grpc.StatusCode.UNAVAILABLE, error
+            assert error.details().startswith("server busy: 2 requests in flight (limit 2)"), error.details()
+            assert dict(error.trailing_metadata() or ()).get("retry-after") == "2"
+        held.release()
+        assert first.result(120).outputs[0].name == "y"
+        assert second.result(120).outputs[0].name == "y"
+    pool.shutdown()
 
 
 def test_metrics_name_the_transport(served: GrpcServer) -> None:
@@ -416,6 +409,7 @@ def test_metrics_name_the_transport(served: GrpcServer) -> None:
 
 
 # ---------------------------------------------------------------------------------- processes, signals
+@pytest.mark.slow
 def test_every_worker_process_serves_grpc(grepo: Path, tmp_path: Path) -> None:
     srv = start_grpc(tmp_path, "--model-repository", str(grepo), "--workers", "2")
     try:
@@ -429,6 +423,7 @@ def test_every_worker_process_serves_grpc(grepo: Path, tmp_path: Path) -> None:
         assert srv.server.stop() == 0, srv.server.output()[-2000:]
 
 
+@pytest.mark.slow
 def test_sigterm_under_grpc_load_loses_no_accepted_request(tmp_path: Path) -> None:
     repo = tmp_path / "repo"
     save(slow_model(384, 96), repo, "slower", config='{"max_batch_size": 0}')  # ~0.2-0.6 s per run

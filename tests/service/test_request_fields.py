@@ -373,6 +373,7 @@ def test_an_empty_outputs_list_means_every_output(app: InProcess) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ a real server
+@pytest.mark.slow
 @settings(max_examples=80, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 @given(st.data())
 def test_a_real_server_answers_mutated_requests_without_a_traceback(

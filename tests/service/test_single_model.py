@@ -86,6 +86,7 @@ def test_bad_single_model_arguments_are_exit_2_one_line(args: list[str], message
     assert message in proc.stderr and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_kserve_style_directory_named_model_and_json_logs(tmp_path: Path) -> None:
     volume = configmap_volume(tmp_path / "mnt-models", {"model.onnx": DIGITS})
     # BNFOLD_SERVICE_HOST: as a Service named bnfold would inject (service links); warned about before the
