@@ -119,7 +119,7 @@ def to_affine(g: Graph, bn: BatchNormNode, info: ValueInfo, cast: Cast) -> str |
     x = bn.input
     rank, elem = info.rank(x), info.elem_type(x)
     if rank is None or elem is None:
-        return "the rank or dtype of its input is unknown (give --input-shape for dynamic models)"
+        return "the rank or dtype of its input is unknown (give input shapes for dynamic models)"
     dtype = helper.tensor_dtype_to_np_dtype(elem)
     if np.dtype(dtype) not in FOLDABLE_DTYPES:
         return f"unsupported dtype {np.dtype(dtype).name}"

@@ -227,5 +227,6 @@ def _raise_if_failed(
         d = report.trace.divergence
         where = f"; first diverging node {d.node}" + (f" ({d.layer} {d.fold})" if d.layer else "")
     if any(o.nonfinite_original for o in worst):
-        hint += "; NaN/Inf in the original's outputs: verify on real inputs (--inputs) instead of random ones"
+        real = "inputs= in Python, --inputs on the command line"
+        hint += f"; NaN/Inf in the original's outputs: verify on real inputs ({real}) instead of random ones"
     raise VerificationError(f"{what}: {names} above atol {atol:g} + rtol {rtol:g}{where}{hint}", report)

@@ -26,6 +26,13 @@ class VerificationError(ConversionError):
         self.report = report
 
 
+def shape_hint(name: str | None = None) -> str:
+    """How to give input shapes, in the library's words and the command line's (their errors name both)."""
+    if name is None:
+        return "input_shapes=DIMS in Python, --input-shape DIMS on the command line"
+    return f"input_shapes={{{name!r}: DIMS}} in Python, --input-shape {name}=DIMS on the command line"
+
+
 def first_line(exc: BaseException) -> str:
     """An exception as one line for a user's error message: its first line (300 characters at most), or its type."""
     text = str(exc).strip()

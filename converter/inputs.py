@@ -91,11 +91,11 @@ def load(paths: Sequence[str | os.PathLike[str]], model: ModelProto | Sequence[I
 
 def _batches(p: Path, inputs: list[InputSpec]) -> list[tuple[dict[str, Array], str]]:
     if not p.exists():
-        raise InputError(f"{p}: no such file or directory (--inputs)")
+        raise InputError(f"{p}: no such file or directory (the real inputs to verify on)")
     if p.is_dir():
         files = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in SUFFIXES)
         if not files:
-            raise InputError(f"{p}: no .npz, .npy or .json files in this directory (--inputs)")
+            raise InputError(f"{p}: no .npz, .npy or .json files in this directory of real inputs")
         names = {i.name for i in inputs}
         named = [f for f in files if f.suffix.lower() == ".npy" and f.stem in names and len(inputs) > 1]
         out = [(_npy_group(named), f"{p}/*.npy")] if named else []
@@ -111,7 +111,7 @@ def _batches(p: Path, inputs: list[InputSpec]) -> list[tuple[dict[str, Array], s
         return [({name: _npy(p)}, str(p))]
     if suffix == ".json":
         return [(_v2_request(p), str(p))]
-    raise InputError(f"{p}: not an .npz, .npy or V2 request .json file (--inputs)")
+    raise InputError(f"{p}: real inputs must be an .npz, .npy or V2 request .json file")
 
 
 def _npy(p: Path) -> Array:

@@ -56,7 +56,7 @@ def rewrite(model: ModelProto, options: Options) -> Rewrite:
         bn = bn_modes.parse(g, idx)
         record = layers[bn.name]
         if options.bn == "keep":
-            record.reason = "--bn keep"
+            record.reason = "as asked (bn=keep)"
         elif options.bn == "affine":
             why_not = bn_modes.to_affine(g, bn, info, cast.inner)
             if why_not is None:

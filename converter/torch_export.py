@@ -54,7 +54,7 @@ from numpy.typing import NDArray
 from onnx import ModelProto
 
 from converter import verify
-from converter.errors import ConversionError, InputError
+from converter.errors import ConversionError, InputError, shape_hint
 from converter.errors import first_line as _first_line
 
 log = logging.getLogger("bnfold.converter")
@@ -264,7 +264,7 @@ def export_file(
         except Exception as exc:  # torch raises RuntimeError and friends for any defect of the archive
             raise InputError(f"{p}: cannot load TorchScript ({_first_line(exc)})") from None
         if input_shapes is None:
-            raise InputError(f"{p}: a TorchScript file records no input shapes; give --input-shape, e.g. 1,3,224,224")
+            raise InputError(f"{p}: a TorchScript file records no input shapes; give them ({shape_hint()})")
         names = _forward_names(module, None)
         args = _random_inputs(torch, names, input_shapes, seed)
         exported = _export_module(torch, module, args, names, TORCHSCRIPT, f"seed {seed} random inputs")
@@ -329,14 +329,15 @@ def _random_inputs(
     if isinstance(shapes, Mapping):
         unknown = sorted(set(shapes) - set(names))
         if unknown:
-            raise InputError(f"--input-shape names no input of forward({', '.join(names)}): {', '.join(unknown)}")
+            raise InputError(f"input shapes given for no input of forward({', '.join(names)}): {', '.join(unknown)}")
         missing = [n for n in names if n not in shapes]
         if missing:
-            raise InputError(f"--input-shape: give a shape for each input of forward(): {', '.join(missing)}")
+            raise InputError(f"no shape given for these inputs of forward(): {', '.join(missing)}")
         by_name = shapes
     else:
         if len(names) != 1:
-            raise InputError(f"forward() takes {len(names)} inputs ({', '.join(names)}); give --input-shape NAME=DIMS")
+            each = shape_hint("NAME")
+            raise InputError(f"forward() takes {len(names)} inputs ({', '.join(names)}); give each a shape ({each})")
         by_name = {names[0]: shapes}
     rng = np.random.default_rng(seed)
     return tuple(
@@ -436,7 +437,7 @@ def export_program(
     else:
         stored = program.example_inputs
         if not stored or stored[1] or not all(isinstance(a, torch.Tensor) for a in stored[0]):
-            raise InputError(f"{what}: the program stores no usable example inputs; give --input-shape")
+            raise InputError(f"{what}: the program stores no usable example inputs; give input shapes ({shape_hint()})")
         args, inputs_from = tuple(stored[0]), "the program's stored example inputs"
     if len(args) != len(names):
         raise InputError(f"{what}: the program takes {len(names)} inputs ({', '.join(names)}), got {len(args)}")

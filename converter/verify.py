@@ -23,7 +23,7 @@ import onnxruntime as ort
 from numpy.typing import NDArray
 from onnx import ModelProto
 
-from converter.errors import InputError, first_line
+from converter.errors import InputError, first_line, shape_hint
 
 #: Default tolerances (atol, rtol). float32: rtol 1e-4 is ~840 ulps of the output's magnitude; re-rounded folded
 #: weights accumulate ~1e-5 through a ResNet-50-sized net (53 folds), while a wrong fold (wrong axis, wrong group,
@@ -170,12 +170,13 @@ def resolve_shapes(inputs: Sequence[ort.NodeArg], requested: InputShapes) -> dic
     elif isinstance(requested, Mapping):
         unknown = set(requested) - {i.name for i in inputs}
         if unknown:
-            raise InputError(f"--input-shape names no input of the model: {', '.join(sorted(unknown))}")
+            raise InputError(f"input shapes given for no input of the model: {', '.join(sorted(unknown))}")
         by_name = requested
     else:
         if len(inputs) != 1:
             names = ", ".join(i.name for i in inputs)
-            raise InputError(f"the model has {len(inputs)} inputs ({names}); give --input-shape NAME=DIMS for each")
+            each = shape_hint("NAME")
+            raise InputError(f"the model has {len(inputs)} inputs ({names}); give each a shape ({each})")
         by_name = {inputs[0].name: requested}
     shapes = {}
     for arg in inputs:
@@ -183,18 +184,18 @@ def resolve_shapes(inputs: Sequence[ort.NodeArg], requested: InputShapes) -> dic
         given = by_name.get(arg.name)
         if given is None:
             if declared is None:
-                raise InputError(f"input {arg.name!r} has no declared shape; give --input-shape {arg.name}=DIMS")
+                raise InputError(f"input {arg.name!r} has no declared shape; give one ({shape_hint(arg.name)})")
             shapes[arg.name] = [d if isinstance(d, int) and d >= 0 else 1 for d in declared]
             continue
         given = [int(d) for d in given]
         if declared is not None:
             if len(given) != len(declared):
-                raise InputError(f"input {arg.name!r} has rank {len(declared)}, --input-shape gives {len(given)}")
+                raise InputError(f"input {arg.name!r} has rank {len(declared)}; the shape given has {len(given)} dims")
             for axis, (g, d) in enumerate(zip(given, declared, strict=True)):
                 if isinstance(d, int) and d >= 0 and g != d:
-                    raise InputError(f"input {arg.name!r} has static dim {d} on axis {axis}, --input-shape gives {g}")
+                    raise InputError(f"input {arg.name!r} has static dim {d} on axis {axis}; the shape given says {g}")
         if any(d < 0 for d in given):
-            raise InputError(f"--input-shape for {arg.name!r} has a negative dim")
+            raise InputError(f"the shape given for input {arg.name!r} has a negative dim")
         shapes[arg.name] = given
     return shapes
 

@@ -151,7 +151,7 @@ def test_input_shape_for_dynamic_models(tmp_path: Path, capsys: pytest.CaptureFi
     assert main(["convert", str(path), "-o", str(out), "--input-shape", "input=2,3,17,16"]) == 2
     assert "static dim 16 on axis 2" in one_line_error(capsys)
     assert main(["convert", str(path), "-o", str(out), "--input-shape", "nope=1,3,16,16"]) == 2
-    assert "names no input" in one_line_error(capsys)
+    assert "input shapes given for no input of the model: nope" in one_line_error(capsys)
 
 
 def test_parse_shapes() -> None:

@@ -152,7 +152,7 @@ BAD = {
     ),
     "empty directory": (lambda d: _mkdir(d / "empty"), "no .npz, .npy or .json"),
     "missing file": (lambda d: d / "nope.npz", "no such file"),
-    "unknown suffix": (lambda d: _write(d / "s.csv", "1,2"), "not an .npz"),
+    "unknown suffix": (lambda d: _write(d / "s.csv", "1,2"), "must be an .npz"),
 }
 
 

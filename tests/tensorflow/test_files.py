@@ -81,9 +81,9 @@ def test_seed_hand_written_batchnorm(tmp_path: Path, capsys: pytest.CaptureFixtu
     saved, converted from its inference branch: no BN left, equal to TensorFlow's inference output."""
     net, _ = manual_bn.train(steps=15)
     assert float(np.abs(net.bn1.moving_mean.numpy()).max()) > 0  # training moved the running statistics
-    manual_bn.save(net, tmp_path / "seed")
-    out = tmp_path / "seed.onnx"
-    code, text, err = convert(capsys, str(tmp_path / "seed"), "-o", str(out), "--input-shape", "2,12,12,1")
+    manual_bn.save(net, tmp_path / "manual_bn")
+    out = tmp_path / "manual_bn.onnx"
+    code, text, err = convert(capsys, str(tmp_path / "manual_bn"), "-o", str(out), "--input-shape", "2,12,12,1")
     assert code == 0, err
     assert "verification passed against TensorFlow inference" in text
     folded = onnx.load(str(out))

@@ -232,11 +232,11 @@ def test_an_exported_program_that_would_be_unpickled_is_refused(
 def test_input_problems_are_exit_2(scripted: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = str(tmp_path / "o.onnx")
     assert main(["convert", str(scripted), "-o", out]) == 2
-    assert "give --input-shape" in one_line_error(capsys)
+    assert "no input shapes; give them (input_shapes=DIMS in Python, --input-shape DIMS" in one_line_error(capsys)
     assert main(["convert", str(scripted), "-o", out, "--input-shape", "2,5,32,32"]) == 2
     assert "PyTorch cannot run it on inputs of shape 2x5x32x32" in one_line_error(capsys)
     assert main(["convert", str(scripted), "-o", out, "--input-shape", "image=2,3,32,32"]) == 2
-    assert "names no input of forward(input)" in one_line_error(capsys)
+    assert "input shapes given for no input of forward(input)" in one_line_error(capsys)
     assert main(["convert", str(scripted), "--in-place", "--input-shape", "2,3,32,32"]) == 2
     assert "--in-place needs an ONNX input" in one_line_error(capsys)
     assert not Path(out).exists()
