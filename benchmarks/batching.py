@@ -46,6 +46,7 @@ import numpy as np
 from benchmarks._harness import FIXED_BODY_LUA, clean_env, parse_cpus, run_wrk
 from benchmarks.environment import emit, git_state, host
 from benchmarks.grpc import GRPC_PATH, check_grpc, grpc_body, h2load
+from benchmarks.models import build_conv224, build_tiny
 from benchmarks.serving import Bench, check, post
 from service.launcher import ServerProcess, free_port, launch
 
@@ -67,15 +68,6 @@ QUICK: dict[tuple[str, str], tuple[int, ...]] = {("mlp", "binary"): (1, 32), ("t
 
 
 # ------------------------------------------------------------------------------------------------ models
-def build_tiny() -> Any:
-    from converter.zoo import Builder
-
-    b = Builder(seed=0)
-    x = b.input("input", ["batch", 20])
-    b.output(b.gemm(b.relu(b.bn(b.gemm(x, 20, 64), 64)), 64, 10), "logits")
-    return b.build("tiny")
-
-
 def build_mlp() -> Any:
     from converter.zoo import Builder
 
@@ -87,19 +79,6 @@ def build_mlp() -> Any:
     return b.build("mlp")
 
 
-def build_conv224() -> Any:
-    from converter.zoo import Builder, conv_bn
-
-    b = Builder(seed=0)
-    x = b.input("input", ["batch", 3, 224, 224])
-    cin = 3
-    for cout in (16, 32, 64, 128):
-        x = b.relu(conv_bn(b, x, cin, cout, 3, 2))
-        cin = cout
-    b.output(b.gemm(b.global_pool(x), cin, 10), "logits")
-    return b.build("conv224")
-
-
 def build_resnet18() -> Any:
     from converter import zoo
 
@@ -107,9 +86,9 @@ def build_resnet18() -> Any:
 
 
 MODELS: dict[str, tuple[Callable[[], Any], tuple[int, ...]]] = {
-    "tiny": (build_tiny, (1, 20)),
+    "tiny": (lambda: build_tiny("batch"), (1, 20)),
     "mlp": (build_mlp, (1, 1024)),
-    "conv224": (build_conv224, (1, 3, 224, 224)),
+    "conv224": (lambda: build_conv224("batch"), (1, 3, 224, 224)),
     "resnet18": (build_resnet18, (1, 3, 224, 224)),
 }
 
@@ -317,7 +296,7 @@ def _pairs(summary: dict[str, Any]) -> list[tuple[str, str, str, dict[str, Any],
 
 
 def goals(summary: dict[str, Any]) -> dict[str, Any]:
-    """The issue's goals, each with the figures it was judged on (medians; see the table for noise)."""
+    """The batching goals (docs/batching.md), each with the figures it was judged on (medians; noise: the table)."""
     pairs = _pairs(summary)
     g: dict[str, Any] = {}
     mlp = [on["rps"] / off["rps"] for m, t, c, off, on in pairs if m == "mlp" and c == "32" and t == "binary"]

@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks import environment, serving
+from benchmarks import environment, models, serving
 from benchmarks._harness import FIXED_BODY_LUA, clean_env, model_ready_paths, start_server
 from benchmarks.environment import emit
 from service.launcher import ServerProcess
@@ -58,7 +58,7 @@ def prepare(tmp: Path, name: str) -> tuple[Path, serving.Bench]:
 
     import converter
 
-    model = onnx.load(str(DIGITS)) if name == "digits" else serving.build_conv224()
+    model = onnx.load(str(DIGITS)) if name == "digits" else models.build_conv224()
     path = tmp / name / "model.onnx"
     path.parent.mkdir(parents=True)
     onnx.save(model, str(path))

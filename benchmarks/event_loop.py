@@ -37,7 +37,7 @@ from service.launcher import ServerProcess
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "event_loop.json"
 VARIANTS = ("uvloop+httptools", "asyncio+h11")
-#: (model, encoding, connections): the issue's cells (tiny JSON at c=1 and c=8) plus binary and the 224² model
+#: (model, encoding, connections): tiny JSON at c=1, 8 and 32 plus binary and the 224² model
 CELLS = (
     ("tiny", "json", 1),
     ("tiny", "json", 8),

@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks._harness import clean_env, parse_cpus
+from benchmarks._harness import clean_env, parse_cpus, pinned
 from benchmarks.environment import emit, git_state, host
 from benchmarks.serving import Bench, prepare_models
 from service.launcher import free_port, launch
@@ -42,10 +42,6 @@ HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE / "results" / "grpc.json"
 CONCURRENCY = (1, 8, 32)
 GRPC_PATH = "/inference.GRPCInferenceService/ModelInfer"
-
-
-def pinned(cmd: list[str], cpus: set[int] | None) -> list[str]:
-    return ["taskset", "-c", ",".join(str(c) for c in sorted(cpus)), *cmd] if cpus else cmd
 
 
 def grpc_body(bench: Bench) -> bytes:

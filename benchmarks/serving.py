@@ -74,6 +74,7 @@ from benchmarks._harness import (
     wrk_version,
 )
 from benchmarks.environment import emit, git_state, host
+from benchmarks.models import build_conv224, build_tiny
 from service.launcher import ServerProcess, free_port, status
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -95,29 +96,6 @@ SESSION_OPTIONS = {"graph_optimization_level": "all", "intra_op_num_threads": 0,
 
 
 # ------------------------------------------------------------------------------------------------ models
-def build_tiny() -> Any:
-    from converter.zoo import Builder
-
-    b = Builder(seed=0)
-    x = b.input("input", [1, 20])
-    h = b.relu(b.bn(b.gemm(x, 20, 64), 64))
-    b.output(b.gemm(h, 64, 10), "logits")
-    return b.build("tiny")
-
-
-def build_conv224() -> Any:
-    from converter.zoo import Builder, conv_bn
-
-    b = Builder(seed=0)
-    x = b.input("input", [1, 3, 224, 224])
-    cin = 3
-    for cout in (16, 32, 64, 128):
-        x = b.relu(conv_bn(b, x, cin, cout, 3, 2))
-        cin = cout
-    b.output(b.gemm(b.global_pool(x), cin, 10), "logits")
-    return b.build("conv224")
-
-
 def build_resnet10() -> Any:
     from converter import zoo
 

@@ -41,7 +41,7 @@ from fastapi import FastAPI, Request  # module level: the route's string annotat
 from fastapi.responses import Response
 
 from benchmarks.environment import emit
-from benchmarks.serving import build_conv224, build_tiny
+from benchmarks.models import build_conv224, build_tiny
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "serving_breakdown.json"
 
