@@ -3,7 +3,8 @@ under load, one replica killed mid-run — no request may be lost.
 
 - replicas: deploy/kubernetes/deployment.yaml's pod translated as by the kubelet check (limits, user, read-only
   root, env, the ConfigMap model volume...), except the network: ``--network host`` with each replica on its own
-  127.0.0.1 port (``--http-port`` and ``BNFOLD_HOST=127.0.0.1`` changed, ``--grpc-port=0``), as the issue asks;
+  127.0.0.1 port (``--http-port`` and ``BNFOLD_HOST=127.0.0.1`` changed, ``--grpc-port=0``): nothing listens
+  beyond this host;
 - balancer: HAProxy from Debian on the host, 127.0.0.1 only, round robin, health checks on
   ``/v2/health/ready`` (the readiness probe's path) every 500 ms, and L7 retries (``retry-on
   all-retryable-errors``, ``option redispatch``, the request body buffered so a POST can be replayed) — what a

@@ -59,7 +59,7 @@ def core_error(obj: dict[str, Any]) -> str | None:
     return None
 
 
-def test_the_folder_holds_what_the_issue_lists() -> None:
+def test_the_folders_hold_the_kserve_and_kubernetes_objects() -> None:
     kinds = {(p.relative_to(DEPLOY).parts[0], o["kind"]) for p, o in OBJECTS}
     assert {("kserve", "ClusterServingRuntime"), ("kserve", "InferenceService")} <= kinds
     wanted = {"Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget", "ConfigMap"}
