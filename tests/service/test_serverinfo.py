@@ -28,7 +28,7 @@ def reported(server: Server) -> tuple[str, str]:
 
 
 def test_uvloop_and_httptools_are_dependencies_installed_here() -> None:
-    """Declared in pyproject.toml with markers, and installed wherever the markers hold (as wherever these tests run)."""
+    """Declared in pyproject.toml with markers, and installed wherever the markers hold (as where this test runs)."""
     deps = [Requirement(d) for d in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]]
     by_name = {r.name: r for r in deps}
     assert {"uvloop", "httptools"} <= set(by_name)
