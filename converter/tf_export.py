@@ -53,8 +53,9 @@ import numpy as np
 from numpy.typing import NDArray
 from onnx import ModelProto, numpy_helper
 
-from converter.errors import ConversionError, InputError, first_line, shape_hint
+from converter.errors import ConversionError, InputError, first_line
 from converter.torch_export import Exported
+from converter.verify import resolve_declared
 
 log = logging.getLogger("bnfold.converter")
 
@@ -307,36 +308,11 @@ def _screen_ops(p: Path, graph_def: Any) -> None:
 def _shapes_for(
     specs: Sequence[Any], names: list[str], input_shapes: Mapping[str, Sequence[int]] | Sequence[int] | None
 ) -> dict[str, list[int]]:
-    if input_shapes is None:
-        given: Mapping[str, Sequence[int]] = {}
-    elif isinstance(input_shapes, Mapping):
-        unknown = sorted(set(input_shapes) - set(names))
-        if unknown:
-            raise InputError(f"input shapes given for no input of the model ({', '.join(names)}): {', '.join(unknown)}")
-        given = input_shapes
-    else:
-        if len(names) != 1:
-            each = shape_hint("NAME")
-            raise InputError(f"the model takes {len(names)} inputs ({', '.join(names)}); give each a shape ({each})")
-        given = {names[0]: input_shapes}
-    shapes = {}
-    for spec, name in zip(specs, names, strict=True):
-        declared = spec.shape.as_list() if spec.shape.rank is not None else None
-        want = given.get(name)
-        if want is None:
-            if declared is None:
-                raise InputError(f"input {name!r} has no declared shape; give one ({shape_hint(name)})")
-            shapes[name] = [1 if d is None else int(d) for d in declared]
-            continue
-        want = [int(d) for d in want]
-        if declared is not None:
-            if len(want) != len(declared):
-                raise InputError(f"input {name!r} has rank {len(declared)}; the shape given has {len(want)} dims")
-            for axis, (w, d) in enumerate(zip(want, declared, strict=True)):
-                if d is not None and w != d:
-                    raise InputError(f"input {name!r} has static dim {d} on axis {axis}; the shape given says {w}")
-        shapes[name] = want
-    return shapes
+    declared = [
+        (name, spec.shape.as_list() if spec.shape.rank is not None else None)
+        for spec, name in zip(specs, names, strict=True)
+    ]
+    return resolve_declared(declared, input_shapes)
 
 
 def _run(tf: Any, fn: Any, feeds: list[Array], names: list[str], what: str) -> tuple[list[Array], str]:

@@ -163,40 +163,48 @@ def session(model: ModelSource, providers: Sequence[str] = ("CPUExecutionProvide
 
 
 def resolve_shapes(inputs: Sequence[ort.NodeArg], requested: InputShapes) -> dict[str, list[int]]:
-    """Concrete shapes for the model's inputs: static dims as declared, dynamic ones from ``requested``, else 1."""
+    """Concrete shapes for an ONNX Runtime session's inputs (see :func:`resolve_declared`)."""
+    return resolve_declared([(i.name, list(i.shape) if i.shape is not None else None) for i in inputs], requested)
+
+
+def resolve_declared(
+    declared: Sequence[tuple[str, Sequence[object] | None]], requested: InputShapes
+) -> dict[str, list[int]]:
+    """Concrete shapes for inputs declared as ``(name, dims or None)``, a dim static when it is an int >= 0:
+    static dims as declared, dynamic ones from ``requested`` (one shape, or shapes by name), else 1."""
+    names = [name for name, _ in declared]
     by_name: Mapping[str, Sequence[int]]
     if requested is None:
         by_name = {}
     elif isinstance(requested, Mapping):
-        unknown = set(requested) - {i.name for i in inputs}
+        unknown = set(requested) - set(names)
         if unknown:
             raise InputError(f"input shapes given for no input of the model: {', '.join(sorted(unknown))}")
         by_name = requested
     else:
-        if len(inputs) != 1:
-            names = ", ".join(i.name for i in inputs)
+        if len(names) != 1:
             each = shape_hint("NAME")
-            raise InputError(f"the model has {len(inputs)} inputs ({names}); give each a shape ({each})")
-        by_name = {inputs[0].name: requested}
+            raise InputError(f"the model has {len(names)} inputs ({', '.join(names)}); give each a shape ({each})")
+        by_name = {names[0]: requested}
     shapes = {}
-    for arg in inputs:
-        declared = list(arg.shape) if arg.shape is not None else None
-        given = by_name.get(arg.name)
+    for name, dims in declared:
+        static = [d if isinstance(d, int) and d >= 0 else None for d in dims] if dims is not None else None
+        given = by_name.get(name)
         if given is None:
-            if declared is None:
-                raise InputError(f"input {arg.name!r} has no declared shape; give one ({shape_hint(arg.name)})")
-            shapes[arg.name] = [d if isinstance(d, int) and d >= 0 else 1 for d in declared]
+            if static is None:
+                raise InputError(f"input {name!r} has no declared shape; give one ({shape_hint(name)})")
+            shapes[name] = [1 if d is None else d for d in static]
             continue
         given = [int(d) for d in given]
-        if declared is not None:
-            if len(given) != len(declared):
-                raise InputError(f"input {arg.name!r} has rank {len(declared)}; the shape given has {len(given)} dims")
-            for axis, (g, d) in enumerate(zip(given, declared, strict=True)):
-                if isinstance(d, int) and d >= 0 and g != d:
-                    raise InputError(f"input {arg.name!r} has static dim {d} on axis {axis}; the shape given says {g}")
+        if static is not None:
+            if len(given) != len(static):
+                raise InputError(f"input {name!r} has rank {len(static)}; the shape given has {len(given)} dims")
+            for axis, (g, d) in enumerate(zip(given, static, strict=True)):
+                if d is not None and g != d:
+                    raise InputError(f"input {name!r} has static dim {d} on axis {axis}; the shape given says {g}")
         if any(d < 0 for d in given):
-            raise InputError(f"the shape given for input {arg.name!r} has a negative dim")
-        shapes[arg.name] = given
+            raise InputError(f"the shape given for input {name!r} has a negative dim")
+        shapes[name] = given
     return shapes
 
 
