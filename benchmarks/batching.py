@@ -96,8 +96,6 @@ MODELS: dict[str, tuple[Callable[[], Any], tuple[int, ...]]] = {
 def prepare(tmp: Path, names: Sequence[str]) -> dict[str, Bench]:
     """Repository (models with BN, folded on load), request bodies, the in-process reference output."""
     import onnx
-    import onnxruntime as ort
-    import orjson
 
     import converter
 
@@ -112,37 +110,9 @@ def prepare(tmp: Path, names: Sequence[str]) -> dict[str, Bench]:
         src = tmp / "repo" / name / "1"
         src.mkdir(parents=True)
         onnx.save(model, str(src / "model.onnx"))
-        inp = model.graph.input[0].name
         x = rng.standard_normal(shape).astype(np.float32)
-        so = ort.SessionOptions()
-        so.log_severity_level = 3
-        sess = ort.InferenceSession(folded.SerializeToString(), so, providers=["CPUExecutionProvider"])
-        out_name = sess.get_outputs()[0].name
-        reference = sess.run([out_name], {inp: x})[0]
-        tensor = {"name": inp, "shape": list(shape), "datatype": "FP32"}
-        json_body = orjson.dumps({"inputs": [{**tensor, "data": x.ravel().tolist()}]})
-        header = orjson.dumps(
-            {
-                "inputs": [{**tensor, "parameters": {"binary_data_size": x.nbytes}}],
-                "parameters": {"binary_data_output": True},
-            }
-        )
-        (bodies / f"{name}.json").write_bytes(json_body)
-        (bodies / f"{name}.bin").write_bytes(header + x.tobytes())
-        out[name] = Bench(
-            name=name,
-            role=name,
-            description=name,
-            input_name=inp,
-            input=x,
-            reference=reference,
-            output_name=out_name,
-            json_body=bodies / f"{name}.json",
-            binary_body=bodies / f"{name}.bin",
-            binary_header_length=len(header),
-            body_bytes={"json": len(json_body), "binary": len(header) + x.nbytes},
-            nodes={"original": len(model.graph.node), "folded": len(folded.graph.node)},
-        )
+        nodes = {"original": len(model.graph.node), "folded": len(folded.graph.node)}
+        out[name] = Bench.write(name, name, name, folded, x, bodies, nodes)
         (bodies / f"{name}.grpc").write_bytes(grpc_body(out[name]))
     return out
 

@@ -53,8 +53,6 @@ ENCODING = {"digits": "json", "conv224": "binary"}
 def prepare(tmp: Path, name: str) -> tuple[Path, serving.Bench]:
     """The model file served and its request bodies (as ``benchmarks.serving`` builds them)."""
     import onnx
-    import onnxruntime as ort
-    import orjson
 
     import converter
 
@@ -64,36 +62,9 @@ def prepare(tmp: Path, name: str) -> tuple[Path, serving.Bench]:
     onnx.save(model, str(path))
     folded = converter.convert(model).model
     inp = model.graph.input[0]
-    shape = [d.dim_value or 1 for d in inp.type.tensor_type.shape.dim]
-    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
-    sess = ort.InferenceSession(folded.SerializeToString(), providers=["CPUExecutionProvider"])
-    out_name = sess.get_outputs()[0].name
-    reference = sess.run([out_name], {inp.name: x})[0]
-    tensor = {"name": inp.name, "shape": shape, "datatype": "FP32"}
-    json_body = orjson.dumps({"inputs": [{**tensor, "data": x.ravel().tolist()}]})
-    raw = x.tobytes()
-    header = orjson.dumps(
-        {
-            "inputs": [{**tensor, "parameters": {"binary_data_size": len(raw)}}],
-            "parameters": {"binary_data_output": True},
-        }
-    )
-    (tmp / f"{name}.json").write_bytes(json_body)
-    (tmp / f"{name}.bin").write_bytes(header + raw)
-    bench = serving.Bench(
-        name=name,
-        role="image" if name == "conv224" else "tiny",
-        description="",
-        input_name=inp.name,
-        input=x,
-        reference=reference,
-        output_name=out_name,
-        json_body=tmp / f"{name}.json",
-        binary_body=tmp / f"{name}.bin",
-        binary_header_length=len(header),
-        body_bytes={"json": len(json_body), "binary": len(header) + len(raw)},
-        nodes={},
-    )
+    x = np.random.default_rng(0).standard_normal([d.dim_value or 1 for d in inp.type.tensor_type.shape.dim])
+    role = "image" if name == "conv224" else "tiny"
+    bench = serving.Bench.write(name, role, "", folded, x.astype(np.float32), tmp, {})
     return path, bench
 
 

@@ -129,12 +129,51 @@ class Bench:
     body_bytes: dict[str, int]
     nodes: dict[str, int]
 
+    @classmethod
+    def write(
+        cls, name: str, role: str, description: str, folded: Any, x: np.ndarray, bodies: Path, nodes: dict[str, int]
+    ) -> Bench:
+        """Run ``folded`` on ``x`` in process for the reference output; write ``x`` as a JSON and as a binary V2
+        request body to ``bodies``."""
+        import onnxruntime as ort
+        import orjson
+
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        sess = ort.InferenceSession(folded.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        input_name, output_name = sess.get_inputs()[0].name, sess.get_outputs()[0].name
+        reference = sess.run([output_name], {input_name: x})[0]
+        tensor = {"name": input_name, "shape": list(x.shape), "datatype": "FP32"}
+        # the JSON body as a V2 client sends it: float32 values written as Python floats (shortest repr)
+        json_body = orjson.dumps({"inputs": [{**tensor, "data": x.ravel().tolist()}]})
+        header = orjson.dumps(
+            {
+                "inputs": [{**tensor, "parameters": {"binary_data_size": x.nbytes}}],
+                "parameters": {"binary_data_output": True},
+            }
+        )
+        bodies.mkdir(parents=True, exist_ok=True)
+        (bodies / f"{name}.json").write_bytes(json_body)
+        (bodies / f"{name}.bin").write_bytes(header + x.tobytes())
+        return cls(
+            name=name,
+            role=role,
+            description=description,
+            input_name=input_name,
+            input=x,
+            reference=reference,
+            output_name=output_name,
+            json_body=bodies / f"{name}.json",
+            binary_body=bodies / f"{name}.bin",
+            binary_header_length=len(header),
+            body_bytes={"json": len(json_body), "binary": len(header) + x.nbytes},
+            nodes=nodes,
+        )
+
 
 def prepare_models(tmp: Path, image_model: str) -> list[Bench]:
     """bnfold repository (models with BN), MLServer repository (folded files), request bodies."""
     import onnx
-    import onnxruntime as ort
-    import orjson
 
     import converter
 
@@ -151,55 +190,13 @@ def prepare_models(tmp: Path, image_model: str) -> list[Bench]:
         dst.mkdir(parents=True)
         onnx.save(folded, str(dst / "model.onnx"))
         inp = model.graph.input[0]
-        shape = [d.dim_value for d in inp.type.tensor_type.shape.dim]
-        x = rng.standard_normal(shape).astype(np.float32)
-        so = ort.SessionOptions()
-        so.log_severity_level = 3
-        sess = ort.InferenceSession(folded.SerializeToString(), so, providers=["CPUExecutionProvider"])
-        out_name = sess.get_outputs()[0].name
-        reference = sess.run([out_name], {inp.name: x})[0]
-        # the JSON body as a V2 client sends it: float32 values written as Python floats (shortest repr)
-        json_body = orjson.dumps(
-            {"inputs": [{"name": inp.name, "shape": shape, "datatype": "FP32", "data": x.ravel().tolist()}]}
-        )
-        raw = x.tobytes()
-        header = orjson.dumps(
-            {
-                "inputs": [
-                    {
-                        "name": inp.name,
-                        "shape": shape,
-                        "datatype": "FP32",
-                        "parameters": {"binary_data_size": len(raw)},
-                    }
-                ],
-                "parameters": {"binary_data_output": True},
-            }
-        )
-        bodies = tmp / "bodies"
-        bodies.mkdir(exist_ok=True)
-        (bodies / f"{name}.json").write_bytes(json_body)
-        (bodies / f"{name}.bin").write_bytes(header + raw)
-        benches.append(
-            Bench(
-                name=name,
-                role=role,
-                description=description,
-                input_name=inp.name,
-                input=x,
-                reference=reference,
-                output_name=out_name,
-                json_body=bodies / f"{name}.json",
-                binary_body=bodies / f"{name}.bin",
-                binary_header_length=len(header),
-                body_bytes={"json": len(json_body), "binary": len(header) + len(raw)},
-                nodes={
-                    "original": len(model.graph.node),
-                    "folded": len(folded.graph.node),
-                    "batchnorm_after_fold": sum(n.op_type == "BatchNormalization" for n in folded.graph.node),
-                },
-            )
-        )
+        x = rng.standard_normal([d.dim_value for d in inp.type.tensor_type.shape.dim]).astype(np.float32)
+        nodes = {
+            "original": len(model.graph.node),
+            "folded": len(folded.graph.node),
+            "batchnorm_after_fold": sum(n.op_type == "BatchNormalization" for n in folded.graph.node),
+        }
+        benches.append(Bench.write(name, role, description, folded, x, tmp / "bodies", nodes))
     return benches
 
 
