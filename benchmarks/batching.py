@@ -43,11 +43,10 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks._harness import FIXED_BODY_LUA, clean_env, parse_cpus, run_wrk
+from benchmarks._harness import FIXED_BODY_LUA, Bench, check, clean_env, parse_cpus, post, run_wrk
 from benchmarks.environment import emit, git_state, host
 from benchmarks.grpc import GRPC_PATH, check_grpc, grpc_body, h2load
 from benchmarks.models import build_conv224, build_tiny
-from benchmarks.serving import Bench, check, post
 from service.launcher import ServerProcess, free_port, launch
 
 HERE = Path(__file__).resolve().parent

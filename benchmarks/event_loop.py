@@ -30,9 +30,20 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from benchmarks._harness import FIXED_BODY_LUA, ROOT, clean_env, model_ready_paths, parse_cpus, start_server
+from benchmarks._harness import (
+    FIXED_BODY_LUA,
+    ROOT,
+    Bench,
+    clean_env,
+    infer_url,
+    model_ready_paths,
+    parse_cpus,
+    prepare_models,
+    start_server,
+    versions,
+    wrk_cell,
+)
 from benchmarks.environment import emit, git_state, host
-from benchmarks.serving import Bench, infer_url, prepare_models, versions, wrk_cell
 from service.launcher import ServerProcess
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "event_loop.json"

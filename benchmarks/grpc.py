@@ -1,6 +1,6 @@
 """gRPC vs REST binary on one ``bnfold serve`` process: p50/p99 latency and requests/s at c=1/8/32.
 
-Models and bodies are the serving benchmark's (``benchmarks.serving.prepare_models``: ``tiny`` 1×20 and
+Models and bodies are the serving benchmark's (``benchmarks._harness.prepare_models``: ``tiny`` 1×20 and
 ``conv224`` 1×3×224×224, BatchNorm folded on load). One server (REST and gRPC in one process, default settings,
 pinned to CPU 0 like the serving benchmark) answers both; the load generator is ``h2load`` (Debian
 ``nghttp2-client``, C, pinned to CPU 1): HTTP/2 with a pre-built length-prefixed ``ModelInferRequest``
@@ -33,9 +33,8 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks._harness import clean_env, parse_cpus, pinned
+from benchmarks._harness import Bench, clean_env, parse_cpus, pinned, prepare_models
 from benchmarks.environment import emit, git_state, host
-from benchmarks.serving import Bench, prepare_models
 from service.launcher import free_port, launch
 
 HERE = Path(__file__).resolve().parent
@@ -45,7 +44,7 @@ GRPC_PATH = "/inference.GRPCInferenceService/ModelInfer"
 
 
 def grpc_body(bench: Bench) -> bytes:
-    from service.protos import grpc_predict_v2_pb2 as pb
+    from service.grpc.protos import grpc_predict_v2_pb2 as pb
 
     request = pb.ModelInferRequest(model_name=bench.name)
     request.inputs.add(name=bench.input_name, datatype="FP32", shape=list(bench.input.shape))
@@ -57,7 +56,7 @@ def grpc_body(bench: Bench) -> bytes:
 def check_grpc(port: int, bench: Bench) -> None:
     import grpc
 
-    from service.protos import grpc_predict_v2_pb2 as pb
+    from service.grpc.protos import grpc_predict_v2_pb2 as pb
 
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         call = channel.unary_unary(GRPC_PATH, lambda b: b, pb.ModelInferResponse.FromString)
@@ -93,8 +92,8 @@ def h2load(
 def in_process_p50(bench: Bench, model_path: Path, seconds: float, cpus: set[int] | None) -> float:
     code = f"""
 import time, numpy as np, onnxruntime as ort, statistics, sys
-from service.loading import load_model
-from service.model_config import ModelConfig
+from service.runtime.loading import load_model
+from service.runtime.model_config import ModelConfig
 from service.settings import Settings
 m = load_model("{bench.name}", "1", __import__("pathlib").Path("{model_path}"), ModelConfig(), Settings())
 x = np.load("{model_path.parent / "x.npy"}")

@@ -12,8 +12,8 @@ What runs (``--rounds`` rounds; in each, every cell once, cells of one (model, c
 their order rotated every round, so drift on a noisy machine lands on all servers alike):
 
 - in-process baseline: a child process with the server's CPU pinning loads each model through the service's
-  own ``service.loading.load_model`` with default ``Settings()`` (so: the same folded graph, session
-  options and malloc thresholds, ``service.memory``), then times, in turn, ``session.run`` alone and the
+  own ``service.runtime.loading.load_model`` with default ``Settings()`` (so: the same folded graph, session
+  options and malloc thresholds, ``service.runtime.memory``), then times, in turn, ``session.run`` alone and the
   service's request path without HTTP (``rest_request_path``: decode, check, run, encode)
   for the JSON and the binary body;
 - ``bnfold serve --model-repository DIR --port P`` (a subprocess, default settings: no ``BNFOLD_*`` variables
@@ -43,14 +43,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import http.client
 import json
 import multiprocessing
 import os
 import shutil
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -64,17 +62,20 @@ import numpy as np
 
 from benchmarks._harness import (
     FIXED_BODY_LUA,
+    IMAGE_MODELS,
+    Bench,
+    check,
     clean_env,
-    cpu_seconds,
+    infer_url,
     model_ready_paths,
-    package_versions,
     parse_cpus,
-    run_wrk,
+    prepare_models,
+    rest_request_path,
     start_server,
-    wrk_version,
+    versions,
+    wrk_cell,
 )
 from benchmarks.environment import emit, git_state, host
-from benchmarks.models import build_conv224, build_tiny
 from service.launcher import ServerProcess, free_port, status
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -95,116 +96,7 @@ TARGET_RATIO_CONCURRENCY = 8
 SESSION_OPTIONS = {"graph_optimization_level": "all", "intra_op_num_threads": 0, "inter_op_num_threads": 1}
 
 
-# ------------------------------------------------------------------------------------------------ models
-def build_resnet10() -> Any:
-    from converter import zoo
-
-    return zoo.resnet(blocks=(1, 1, 1, 1), classes=1000)
-
-
-IMAGE_MODELS: dict[str, tuple[Callable[[], Any], str]] = {
-    "conv224": (
-        build_conv224,
-        "1×3×224×224 FP32; 4× [Conv 3×3 s2 + BN + Relu] (3→16→32→64→128), GlobalAveragePool, Gemm 128→10",
-    ),
-    "resnet10": (build_resnet10, "1×3×224×224 FP32; converter.zoo.resnet(blocks=(1,1,1,1)), 1000 classes"),
-}
-TINY_DESCRIPTION = "1×20 FP32; Gemm 20→64 + BatchNormalization + Relu + Gemm 64→10"
-
-
-@dataclass
-class Bench:
-    """One model as the benchmark uses it: files, request bodies, the reference output."""
-
-    name: str
-    role: str  # "tiny" or "image" (which overhead target applies)
-    description: str
-    input_name: str
-    input: np.ndarray
-    reference: np.ndarray  # in-process output of the folded model
-    output_name: str
-    json_body: Path
-    binary_body: Path
-    binary_header_length: int
-    body_bytes: dict[str, int]
-    nodes: dict[str, int]
-
-    @classmethod
-    def write(
-        cls, name: str, role: str, description: str, folded: Any, x: np.ndarray, bodies: Path, nodes: dict[str, int]
-    ) -> Bench:
-        """Run ``folded`` on ``x`` in process for the reference output; write ``x`` as a JSON and as a binary V2
-        request body to ``bodies``."""
-        import onnxruntime as ort
-        import orjson
-
-        so = ort.SessionOptions()
-        so.log_severity_level = 3
-        sess = ort.InferenceSession(folded.SerializeToString(), so, providers=["CPUExecutionProvider"])
-        input_name, output_name = sess.get_inputs()[0].name, sess.get_outputs()[0].name
-        reference = sess.run([output_name], {input_name: x})[0]
-        tensor = {"name": input_name, "shape": list(x.shape), "datatype": "FP32"}
-        # the JSON body as a V2 client sends it: float32 values written as Python floats (shortest repr)
-        json_body = orjson.dumps({"inputs": [{**tensor, "data": x.ravel().tolist()}]})
-        header = orjson.dumps(
-            {
-                "inputs": [{**tensor, "parameters": {"binary_data_size": x.nbytes}}],
-                "parameters": {"binary_data_output": True},
-            }
-        )
-        bodies.mkdir(parents=True, exist_ok=True)
-        (bodies / f"{name}.json").write_bytes(json_body)
-        (bodies / f"{name}.bin").write_bytes(header + x.tobytes())
-        return cls(
-            name=name,
-            role=role,
-            description=description,
-            input_name=input_name,
-            input=x,
-            reference=reference,
-            output_name=output_name,
-            json_body=bodies / f"{name}.json",
-            binary_body=bodies / f"{name}.bin",
-            binary_header_length=len(header),
-            body_bytes={"json": len(json_body), "binary": len(header) + x.nbytes},
-            nodes=nodes,
-        )
-
-
-def prepare_models(tmp: Path, image_model: str) -> list[Bench]:
-    """bnfold repository (models with BN), MLServer repository (folded files), request bodies."""
-    import onnx
-
-    import converter
-
-    rng = np.random.default_rng(0)
-    benches = []
-    specs = [("tiny", "tiny", build_tiny, TINY_DESCRIPTION), (image_model, "image", *IMAGE_MODELS[image_model])]
-    for name, role, make, description in specs:
-        model = make()
-        folded = converter.convert(model).model
-        src = tmp / "bnfold" / name / "1"
-        src.mkdir(parents=True)
-        onnx.save(model, str(src / "model.onnx"))
-        dst = tmp / "mlserver" / name
-        dst.mkdir(parents=True)
-        onnx.save(folded, str(dst / "model.onnx"))
-        inp = model.graph.input[0]
-        x = rng.standard_normal([d.dim_value for d in inp.type.tensor_type.shape.dim]).astype(np.float32)
-        nodes = {
-            "original": len(model.graph.node),
-            "folded": len(folded.graph.node),
-            "batchnorm_after_fold": sum(n.op_type == "BatchNormalization" for n in folded.graph.node),
-        }
-        benches.append(Bench.write(name, role, description, folded, x, tmp / "bodies", nodes))
-    return benches
-
-
 # ------------------------------------------------------------------------------------------------ servers
-def infer_url(server: ServerProcess, model: str) -> str:
-    return f"{server.url}/v2/models/{model}/infer"
-
-
 def start_bnfold(tmp: Path, cpus: set[int] | None, intra_op_threads: int) -> ServerProcess:
     env = clean_env(**({"BNFOLD_INTRA_OP_THREADS": str(intra_op_threads)} if intra_op_threads else {}))
     return start_server(tmp, "bnfold", ["--model-repository", str(tmp / "bnfold")], cpus=cpus, env=env)
@@ -247,77 +139,6 @@ def start_mlserver(tmp: Path, python: str, port: int, cpus: set[int] | None) -> 
     )  # fmt: skip
 
 
-# ------------------------------------------------------------------------------------------------ checks
-def post(url: str, body: bytes, header_length: int | None) -> tuple[int, dict[str, str], bytes]:
-    host, _, rest = url.removeprefix("http://").partition("/")
-    hostname, _, port = host.partition(":")
-    conn = http.client.HTTPConnection(hostname, int(port), timeout=60)
-    headers = {"Content-Type": "application/json" if header_length is None else "application/octet-stream"}
-    if header_length is not None:
-        headers["Inference-Header-Content-Length"] = str(header_length)
-    try:
-        conn.request("POST", "/" + rest, body=body, headers=headers)
-        r = conn.getresponse()
-        return r.status, {k.lower(): v for k, v in r.getheaders()}, r.read()
-    finally:
-        conn.close()
-
-
-def decode_output(headers: dict[str, str], body: bytes, name: str) -> np.ndarray:
-    length = headers.get("inference-header-content-length")
-    header = json.loads(body if length is None else body[: int(length)])
-    offset = 0 if length is None else int(length)
-    for out in header["outputs"]:
-        size = (out.get("parameters") or {}).get("binary_data_size")
-        if out["name"] == name:
-            if size is None:
-                return np.asarray(out["data"], dtype=np.float32).reshape(out["shape"])
-            return np.frombuffer(body[offset : offset + size], dtype=np.float32).reshape(out["shape"])
-        offset += size or 0
-    raise KeyError(name)
-
-
-def check(server: ServerProcess, bench: Bench, encoding: str) -> float:
-    """One request before the load: the answer must match the in-process output."""
-    body_path = bench.json_body if encoding == "json" else bench.binary_body
-    header_length = None if encoding == "json" else bench.binary_header_length
-    status, headers, body = post(infer_url(server, bench.name), body_path.read_bytes(), header_length)
-    if status != 200:
-        raise RuntimeError(f"{server.name}/{bench.name}/{encoding}: HTTP {status}: {body[:300]!r}")
-    got = decode_output(headers, body, bench.output_name)
-    diff = float(np.max(np.abs(got - bench.reference)))
-    scale = float(np.max(np.abs(bench.reference))) or 1.0
-    if diff > 1e-4 * scale:
-        raise RuntimeError(f"{server.name}/{bench.name}/{encoding}: output differs by {diff} from in-process")
-    return diff
-
-
-# ------------------------------------------------------------------------------------------------ wrk
-def wrk_cell(
-    lua: Path,
-    url: str,
-    bench: Bench,
-    encoding: str,
-    connections: int,
-    seconds: float,
-    cpus: set[int] | None,
-    server_pid: int | None = None,
-) -> dict[str, Any]:
-    """One wrk run; with ``server_pid``, also the server's CPU time per request (user + system, all threads)."""
-    if encoding == "json":
-        args = [str(bench.json_body), "-", "application/json"]
-    else:
-        args = [str(bench.binary_body), str(bench.binary_header_length), "application/octet-stream"]
-    cpu_before = cpu_seconds(server_pid)
-    r = run_wrk(lua, url, args, connections=connections, seconds=seconds, cpus=cpus, marker="BENCH_JSON")
-    cpu_after = cpu_seconds(server_pid)
-    r["errors"] = sum(r[k] for k in ("connect", "read", "write", "status", "timeout"))
-    r["rps"] = r["requests"] / (r["duration_us"] / 1e6)
-    if cpu_before is not None and cpu_after is not None and r["requests"]:
-        r["server_cpu_us_per_request"] = (cpu_after - cpu_before) / r["requests"] * 1e6
-    return r
-
-
 # ------------------------------------------------------------------------------------------------ baseline
 def baseline_worker(spec: dict[str, Any], cpus: set[int] | None) -> dict[str, Any]:
     """In a fresh child process pinned like the server, on default settings: ``session.run`` and the service's
@@ -326,9 +147,9 @@ def baseline_worker(spec: dict[str, Any], cpus: set[int] | None) -> dict[str, An
         os.sched_setaffinity(0, cpus)  # before ONNX Runtime builds its thread pool
     for key in [k for k in os.environ if k.startswith(("BNFOLD_", "MLSERVER_"))]:
         del os.environ[key]
-    from service import memory
-    from service.loading import load_model
-    from service.model_config import ModelConfig
+    from service.runtime import memory
+    from service.runtime.loading import load_model
+    from service.runtime.model_config import ModelConfig
     from service.settings import Settings
 
     settings = Settings(model_repository=Path(spec["repository"]), intra_op_threads=spec["intra_op_threads"])
@@ -358,30 +179,6 @@ def baseline_worker(spec: dict[str, Any], cpus: set[int] | None) -> dict[str, An
     results["threads"] = len(os.listdir("/proc/self/task")) if os.path.isdir("/proc/self/task") else None
     results["affinity"] = sorted(os.sched_getaffinity(0))
     return results
-
-
-def rest_request_path(model: Any, body: bytes, header_length: int | None, max_elements: int) -> bytes:
-    """What the server does per REST request minus HTTP and the event loop: decode, check against the model,
-    run with RunOptions (as a request with a timeout), classify, encode."""
-    import onnxruntime as ort
-
-    from service.codec import parse_request
-    from service.model import Timing
-    from service.outputs import output_tensors
-    from service.rest import encode_result, raw_request
-    from service.tensors import InferResult
-    from service.validation import check_inputs, check_outputs
-
-    if header_length == 0:
-        request = raw_request(model, body, max_elements)
-    else:
-        request = parse_request(body, header_length, max_elements)
-    feeds = check_inputs(model, request)
-    names = check_outputs(model, request)
-    arrays = model.run(feeds, names, ort.RunOptions(), Timing())
-    result = InferResult(model.name, model.version, request.id, output_tensors(model, request, names, arrays))
-    payload, _ = encode_result(result)
-    return payload
 
 
 def in_process_calls(
@@ -430,25 +227,6 @@ def run_baseline(
     }
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
         return pool.submit(baseline_worker, spec, cpus).result(timeout=seconds * len(benches) + 300)
-
-
-# ------------------------------------------------------------------------------------------------ versions
-def versions(mlserver_python: str | None) -> dict[str, Any]:
-    stack = ["onnxruntime", "uvicorn", "uvloop", "httptools", "fastapi", "starlette", "orjson", "numpy", "onnx"]
-    v: dict[str, Any] = {"bnfold_venv": package_versions(stack), "wrk": wrk_version()}
-    if mlserver_python:
-        code = (
-            "import importlib.metadata as m, json, sys\n"
-            "out = {}\n"
-            f"for n in {['mlserver', *stack]!r}:\n"
-            "    try: out[n] = m.version(n)\n"
-            "    except m.PackageNotFoundError: out[n] = None\n"
-            "out['python'] = sys.version.split()[0]\n"
-            "print(json.dumps(out))\n"
-        )
-        proc = subprocess.run([mlserver_python, "-c", code], check=False, capture_output=True, text=True, timeout=60)
-        v["mlserver_venv"] = json.loads(proc.stdout) if proc.returncode == 0 else None
-    return v
 
 
 # ------------------------------------------------------------------------------------------------ the run

@@ -8,11 +8,11 @@ figure that decides requests/s on a busy core) and wall-clock p50.
 
 Variants (each "what if" patches the app object this script built, never the service's files):
 
-- ``service path``: ``benchmarks.serving.rest_request_path`` (decode, check, run, encode), no ASGI at all;
+- ``service path``: ``benchmarks._harness.rest_request_path`` (decode, check, run, encode), no ASGI at all;
 - ``minimal FastAPI``: one route doing the same, inline, and again with ``execute`` in a thread
   (``run_in_executor``): the framework's floor and the cost of the thread hop;
-- ``bnfold app``: ``service.app.create_app`` with default settings, as served (inference answered by
-  ``service.rest.InferenceMiddleware`` ahead of FastAPI, compute threads fed by ``service.scheduler``).
+- ``bnfold app``: ``service.server.create_app`` with default settings, as served (inference answered by
+  ``service.rest.InferenceMiddleware`` ahead of FastAPI, compute threads fed by ``service.runtime.scheduler``).
 
 Earlier versions of this script also patched the app (infer routes matched first, inline scheduler, no-op
 metrics); those measurements led to the inference fast path and the queue-fed compute threads, and the
@@ -75,10 +75,10 @@ def request_body(model: Any, encoding: str) -> tuple[bytes, int | None]:
 
 def variants(repo: Path, name: str, body: bytes, header_length: int | None) -> dict[str, Any]:
     """name -> (ASGI app, needs lifespan, patch to apply after start-up)."""
-    import service.app as service_app
-    from benchmarks.serving import rest_request_path
-    from service.loading import load_model
-    from service.model_config import ModelConfig
+    import service.server as service_app
+    from benchmarks._harness import rest_request_path
+    from service.runtime.loading import load_model
+    from service.runtime.model_config import ModelConfig
     from service.settings import Settings
 
     # pinned to one CPU: one intra-op thread (ORT's default counts the machine's cores and escapes the affinity)

@@ -88,7 +88,7 @@ def _run_serve(args: argparse.Namespace) -> int:
         return 2
     if settings.model is not None:
         from service.errors import ModelLoadError  # noqa: PLC0415
-        from service.repository import single_model_file  # noqa: PLC0415
+        from service.runtime.repository import single_model_file  # noqa: PLC0415
 
         try:
             single_model_file(settings.model)
@@ -129,7 +129,7 @@ def serve(settings: Settings, overrides: dict[str, Any] | None = None) -> int:
         "server_header": False,
         "date_header": False,
         "timeout_graceful_shutdown": settings.graceful_shutdown_seconds,
-        # uvloop and httptools when installed (dependencies where wheels exist); service.serverinfo reports which
+        # uvloop and httptools when installed (dependencies where wheels exist); service.rest.serverinfo reports which
         "loop": "auto",
         "http": "auto",
     }
@@ -138,9 +138,9 @@ def serve(settings: Settings, overrides: dict[str, Any] | None = None) -> int:
         for key, value in (overrides or {}).items():
             if value is not None:
                 os.environ[f"BNFOLD_{key.upper()}"] = str(value)
-        uvicorn.run("service.app:create_app", factory=True, workers=settings.workers, **common)
+        uvicorn.run("service.server:create_app", factory=True, workers=settings.workers, **common)
         return 0
-    from service.app import create_app  # noqa: PLC0415
+    from service.server import create_app  # noqa: PLC0415
 
     server = uvicorn.Server(uvicorn.Config(create_app(settings), **common))
     with contextlib.suppress(KeyboardInterrupt):

@@ -1,60 +1,54 @@
-"""The protocol-agnostic core both transports call: model lookup, the API key decision, admission and queue,
-deadlines, metrics, and inference on already-decoded tensors. Errors leave as :mod:`service.errors` classes
-(a meaning, not a status code); a transport only decodes its wire format, calls in here, and encodes.
+"""The protocol-agnostic core both transports call: the API key decision, model lookup, admission, deadlines
+and metrics, then the runtime on already-decoded tensors. Errors leave as :mod:`service.errors` classes (a
+meaning, not a status code); a transport decodes its wire format, calls in here, and encodes.
 
-One inference (:meth:`DataPlane.infer`)::
+One inference, as a transport writes it (top to bottom, nothing called back)::
 
-    authorize -> look the model up -> admit (or Busy) -> transport decodes the request (it may read a body)
-      -> check it against the model -> Work(feeds, outputs, finish) -> scheduler (queue, deadline, compute
-      thread: ONNX Runtime, then classification and the transport's encoder) -> release, metrics
+    with dataplane.admit(name, version, credentials, transport) as admitted:   # auth, lookup, admission, metrics
+        request = <the transport reads and decodes its request>                # its own codec
+        answer = await admitted.run(request, encode, deadline)                  # validate -> compute -> outputs
+                                                                               #   -> encode (compute thread)
+    <the transport responds>
 
-Admission comes before the body is read, so a flood of slow uploads is bounded by the queue too. The
-scheduler is the seam for batching: :meth:`DataPlane.compute_for` picks what runs a model's
-:class:`~service.scheduler.Work`: the scheduler, or the model's :class:`~service.batcher.Batcher` (same ``run``),
-which joins concurrent requests into one run on the scheduler's threads.
+Admission comes before the body is read, so a flood of slow uploads is bounded by the queue too. What runs a
+model's work is a :class:`~service.runtime.work.Compute`: the scheduler, or the model's batcher (made on first
+use), which joins concurrent requests into one run on the scheduler's threads. The dataplane builds nothing
+of its own: the server (:mod:`service.server`) hands it the repository, the scheduler and the metrics.
 """
 
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 import secrets
 import time
 import weakref
-from collections.abc import Awaitable, Callable
-from functools import partial
+from types import TracebackType
 from typing import Any, TypeVar
 
-import onnxruntime as ort
-
-from service import memory, metadata, serverinfo
-from service.batcher import Batcher
-from service.errors import ClientGone, Internal, ServiceError, Unauthorized, Unavailable
-from service.metrics import Metrics
-from service.model import LoadedModel
-from service.outputs import output_tensors
-from service.repository import Repository
-from service.scheduler import Scheduler, Work
+from service.errors import Busy, ClientGone, Internal, ServiceError, Unauthorized, Unavailable
+from service.metrics import Bound, Metrics
+from service.runtime import metadata
+from service.runtime.batcher import Batcher
+from service.runtime.model import LoadedModel
+from service.runtime.repository import Repository
+from service.runtime.scheduler import Scheduler
+from service.runtime.work import Compute, prepare
 from service.settings import Settings
-from service.tensors import Array, InferRequest, InferResult
-from service.validation import check_inputs, check_outputs
+from service.v2.tensors import Encoder, InferRequest
 
 T = TypeVar("T")
 log = logging.getLogger("bnfold.service")
-
-Decode = Callable[[LoadedModel], Awaitable[InferRequest]]
-Encode = Callable[[InferResult], T]
 
 
 class DataPlane:
     """Everything a transport needs; one per process, shared by REST and gRPC."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, repository: Repository, scheduler: Scheduler, metrics: Metrics) -> None:
         self.settings = settings
-        self.metrics = Metrics()
-        self.repository = Repository(settings, on_change=self._model_changed)
-        self.scheduler: Scheduler | None = None
+        self.repository = repository
+        self.scheduler = scheduler
+        self.metrics = metrics
         # per model version; weak, so a replaced version's batcher goes with it
         self._batchers: weakref.WeakKeyDictionary[LoadedModel, Batcher] = weakref.WeakKeyDictionary()
         self.transports: list[str] = ["rest"]
@@ -104,9 +98,8 @@ class DataPlane:
         return model.name, model.version, not self.draining
 
     # ------------------------------------------------------------------------------------ inference
-    def compute_for(self, model: LoadedModel) -> Scheduler | Batcher:
+    def compute_for(self, model: LoadedModel) -> Compute:
         """What runs this model's work: its batcher when it batches (made on first use), else the scheduler."""
-        assert self.scheduler is not None, "the dataplane has not started"
         if model.batching is None:
             return self.scheduler
         batcher = self._batchers.get(model)
@@ -115,100 +108,73 @@ class DataPlane:
             batcher = self._batchers[model] = Batcher(model, model.batching, self.scheduler, metrics)
         return batcher
 
-    async def infer(
-        self,
-        name: str,
-        version: str | None,
-        credentials: bytes | None,
-        transport: str,
-        decode: Decode,
-        encode: Encode[T],
-        deadline: float | None = None,
-    ) -> T:
-        """One inference request, from the transport's ``decode`` to its ``encode``d answer.
-
-        ``decode(model)`` turns the request into tensors once it is admitted (it may read the body); ``encode``
-        runs in the compute thread on the result. ``deadline`` (``time.monotonic()``) is the transport's own,
-        a gRPC deadline; the request's V2 ``timeout`` parameter can only shorten it.
-        """
+    def admit(self, name: str, version: str | None, credentials: bytes | None, transport: str) -> Admission:
+        """Authorize, look the model up and take a place in the queue (or :class:`Busy`): the start of one
+        inference. Use the answer as a context manager around decoding and :meth:`Admission.run`."""
         started = time.monotonic()
         model = self.model(name, version, credentials)
-        assert self.scheduler is not None, "the dataplane has not started"
-        scheduler = self.scheduler
-        compute = self.compute_for(model)
         bound = self.metrics.bind(model.name, model.version, model.provider, transport)
         try:
-            scheduler.admit()
-            try:
-                request = await decode(model)
-                feeds = check_inputs(model, request)
-                names = check_outputs(model, request)
-                if request.timeout_us is not None:
-                    own = started + request.timeout_us / 1e6
-                    deadline = own if deadline is None else min(deadline, own)
-                finish = partial(_finish, model, request, names, encode)
-                work: Work[T] = Work(model, feeds, names, finish)
-                if deadline is None:
-                    result, queued = await compute.run(work, None, None)
-                else:
-                    work.run_options = options = ort.RunOptions()
-                    result, queued = await compute.run(work, deadline, partial(setattr, options, "terminate", True))
-            finally:
-                scheduler.release()
-        except ServiceError as exc:
+            self.scheduler.admit()
+        except Busy as exc:
+            bound.failure(exc.kind).inc()
+            raise
+        return Admission(model, self.compute_for(model), self.scheduler, bound, transport, started)
+
+
+class Admission:
+    """One admitted inference: its model, what computes it, its place in the queue and its metrics.
+
+    Leaving the ``with`` block gives the place back and counts the outcome: a success with its timings, or a
+    failure by its error's kind; an unexpected exception is logged and leaves as :class:`Internal`.
+    """
+
+    def __init__(
+        self, model: LoadedModel, compute: Compute, scheduler: Scheduler, bound: Bound, transport: str, started: float
+    ) -> None:
+        self.model = model
+        self.compute = compute
+        self.scheduler = scheduler
+        self.bound = bound
+        self.transport = transport
+        self.started = started
+        self.queued = 0.0
+        self.compute_seconds = 0.0
+
+    async def run(self, request: InferRequest, encode: Encoder[T], deadline: float | None = None) -> T:
+        """The decoded ``request`` through the runtime: validate, compute (queue, deadline, compute thread),
+        outputs, then ``encode`` in the compute thread. ``deadline`` (``time.monotonic()``) is the transport's
+        own, a gRPC deadline; the request's V2 ``timeout`` parameter can only shorten it."""
+        if request.timeout_us is not None:
+            own = self.started + request.timeout_us / 1e6
+            deadline = own if deadline is None else min(deadline, own)
+        work = prepare(self.model, request, encode)
+        answer, self.queued = await self.compute.run(work, deadline)
+        self.compute_seconds = work.timing.compute_seconds
+        return answer
+
+    def __enter__(self) -> Admission:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        self.scheduler.release()
+        bound, model = self.bound, self.model
+        if exc is None:
+            bound.success.inc()
+            bound.queue_seconds.observe(self.queued)
+            bound.compute_seconds.observe(self.compute_seconds)
+            bound.request_seconds.observe(time.monotonic() - self.started)
+        elif isinstance(exc, ServiceError):
             bound.failure(exc.kind).inc()
             if type(exc) is Internal:
-                log.error("%s inference of %s/%s failed: %s", transport, model.name, model.version, exc.message)
-            raise
-        except asyncio.CancelledError:
+                log.error("%s inference of %s/%s failed: %s", self.transport, model.name, model.version, exc.message)
+        elif isinstance(exc, asyncio.CancelledError):
             bound.failure(ClientGone.kind).inc()
-            raise
-        except Exception:
+        elif isinstance(exc, Exception):
             bound.failure(Internal.kind).inc()
-            log.exception("internal error in %s inference of %s/%s", transport, model.name, model.version)
+            log.error(
+                "internal error in %s inference of %s/%s", self.transport, model.name, model.version, exc_info=exc
+            )
             raise Internal() from None
-        bound.success.inc()
-        bound.queue_seconds.observe(queued)
-        bound.compute_seconds.observe(work.timing.compute_seconds)
-        bound.request_seconds.observe(time.monotonic() - started)
-        return result
-
-    # ------------------------------------------------------------------------------------ lifecycle
-    def _model_changed(self, model: LoadedModel, ready: bool) -> None:
-        self.metrics.model_ready.labels(model.name, model.version, model.provider).set(1 if ready else 0)
-
-    async def start(self) -> None:
-        s = self.settings
-        ort.disable_telemetry_events()  # a server has no business phoning home (and a read-only root complains)
-        if s.reuse_large_buffers:
-            memory.reuse_large_buffers()
-        self.scheduler = Scheduler(s.max_concurrency, s.max_queue, s.retry_after_seconds)
-        scheduler = self.scheduler
-        self.metrics.in_flight.set_function(lambda: scheduler.admitted)
-        await self.repository.load_all()
-        # everything loaded so far lives as long as the process: keep the garbage collector from rescanning it
-        gc.collect()
-        gc.freeze()
-        self.started = True
-        loop, parser = serverinfo.event_loop(), serverinfo.http_parser()
-        self.metrics.server_info.labels(loop, parser).set(1)
-        log.info("event loop %s, HTTP parser %s", loop, parser)
-        log.info("ready: %d model version(s) serving", self.repository.ready_count())
-
-    async def poll(self) -> None:
-        while True:
-            await asyncio.sleep(self.settings.repository_poll_seconds)
-            try:
-                await self.repository.rescan()
-            except Exception:  # a scan must never kill the poller
-                log.exception("repository rescan failed")
-
-    def stop(self) -> None:
-        self.draining = True
-        if self.scheduler is not None:
-            self.scheduler.close()
-
-
-def _finish(model: LoadedModel, request: InferRequest, names: list[str], encode: Encode[T], arrays: list[Array]) -> T:
-    """In the compute thread, after ONNX Runtime: classification, then the transport's encoder."""
-    return encode(InferResult(model.name, model.version, request.id, output_tensors(model, request, names, arrays)))

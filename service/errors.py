@@ -1,6 +1,6 @@
 """What can go wrong with a request, by meaning. Each class names a ``kind``; each transport has one table
-from kind to its own status (REST: HTTP status in :mod:`service.rest`; gRPC: status code in
-:mod:`service.grpc_server`), and one encoder. Nothing here knows a status code."""
+from kind to its own status (REST: HTTP status in :mod:`service.rest.codec`; gRPC: status code in
+:mod:`service.grpc.server`), and one encoder. Nothing here knows a status code."""
 
 from __future__ import annotations
 

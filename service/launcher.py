@@ -5,7 +5,7 @@ Two ways, both context managers that start the server, wait until it is ready, y
 - :func:`serving` runs ``bnfold serve`` (or any other HTTP server command) as a subprocess on a free port of
   127.0.0.1, its output in a log file; on failure the exception carries the log's last lines. Use it where the
   process matters: signals, exit codes, memory, worker processes.
-- :func:`in_thread` runs :func:`service.app.create_app` under uvicorn in a thread of this process: no process
+- :func:`in_thread` runs :func:`service.server.create_app` under uvicorn in a thread of this process: no process
   start-up, the app object at hand (``server.app``). Use it for protocol and error checks.
 
 ::
@@ -290,7 +290,7 @@ def in_thread(settings: Settings | None = None, timeout: float = 120) -> Iterato
 def _serve_in_thread(settings: Settings | None, timeout: float) -> Iterator[tuple[Any, int]]:
     import uvicorn  # noqa: PLC0415  (the launcher itself needs no web stack)
 
-    from service.app import create_app  # noqa: PLC0415
+    from service.server import create_app  # noqa: PLC0415
     from service.settings import Settings  # noqa: PLC0415
 
     settings = settings or Settings()

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.service.servers import InThread, Server, build_repository, in_process, start
+from tests.support.servers import InThread, Server, build_repository, in_process, start
 
 
 @pytest.fixture(scope="session")

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from service.settings import settings_table
-from tests.service.servers import Server, free_port, start
+from tests.support.servers import Server, free_port, start
 
 ROOT = Path(__file__).resolve().parent.parent
 #: The user-facing documents: the README and docs/*.md, each path relative to the root with its text.

@@ -20,7 +20,7 @@ import pytest
 
 from converter.zoo import Builder, conv_bn
 from service.settings import BUNDLED_REPOSITORY
-from tests.service.servers import Server, save, start
+from tests.support.servers import Server, save, start
 
 CHROMIUM = Path(os.environ.get("PLAYWRIGHT_CHROMIUM", "/usr/bin/chromium"))
 

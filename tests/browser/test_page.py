@@ -16,7 +16,7 @@ import onnxruntime as ort
 import pytest
 
 from tests.browser.conftest import IMAGE_CONFIGS, IMAGE_LABELS, Console, image_model
-from tests.service.servers import Server, start
+from tests.support.servers import Server, start
 
 pytestmark = pytest.mark.slow  # chromium and a `bnfold serve` subprocess
 

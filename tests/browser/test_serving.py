@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from examples.digits.page_examples import render
-from service.webui import STATIC
-from tests.service.servers import Server, in_process
+from service.rest.webui import STATIC
+from tests.support.servers import Server, in_process
 
 
 def test_page_and_its_files_are_served(ui_server: Server) -> None:
@@ -41,7 +41,7 @@ def test_ui_false_makes_the_root_a_404() -> None:
 
 def test_invalid_preprocessing_in_config_is_refused(tmp_path: Path) -> None:
     from service.errors import ModelLoadError
-    from service.model_config import ModelConfig
+    from service.runtime.model_config import ModelConfig
 
     path = tmp_path / "config.json"
     path.write_text(json.dumps({"std": [0.2, 0.0, 0.2]}))
@@ -65,6 +65,6 @@ def test_the_page_files_ship_in_the_package() -> None:
     import tomllib
 
     root = Path(__file__).resolve().parents[2]
-    globs = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["service"]
-    shipped = {p.name for g in globs for p in (root / "service").glob(g)}
+    globs = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["service.rest"]
+    shipped = {p.name for g in globs for p in (root / "service" / "rest").glob(g)}
     assert {"index.html", "app.js", "app.css", "digits.json"} <= shipped

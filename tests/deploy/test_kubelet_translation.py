@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from service.repository import single_model_file
+from service.runtime.repository import single_model_file
 from tests.deploy.kubelet import Unsupported, docker_run, quantity, substitute
 from tests.deploy.manifests import one
 

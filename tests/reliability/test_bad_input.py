@@ -11,8 +11,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.reliability.helpers import Reply, call, hwm_mb, reset_hwm, rss_mb
-from tests.service.servers import Server
+from tests.support.reliability import Reply, call, hwm_mb, reset_hwm, rss_mb
+from tests.support.servers import Server
 
 pytestmark = pytest.mark.slow  # a subprocess server: the size tests read its memory
 

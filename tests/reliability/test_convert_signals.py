@@ -24,7 +24,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from tests.reliability.helpers import wait_until
+from tests.support.reliability import wait_until
 
 SIZE = 2048  # a 2048x2048 float32 Gemm weight: a 16 MiB model, most of a second inside the staged write + verify
 

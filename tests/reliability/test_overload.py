@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.reliability.helpers import (
+from tests.support.reliability import (
     SLOW,
     Reply,
     call,
@@ -30,7 +30,7 @@ from tests.reliability.helpers import (
     rss_mb,
     wait_until,
 )
-from tests.service.servers import Server, save, slow_model, start
+from tests.support.servers import Server, save, slow_model, start
 
 pytestmark = pytest.mark.slow
 

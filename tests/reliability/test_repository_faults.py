@@ -17,8 +17,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from service.settings import BUNDLED_REPOSITORY
-from tests.reliability.helpers import DIGITS, Reply, call, infer_body, scale_model, wait_until
-from tests.service.servers import Server, save, start
+from tests.support.reliability import DIGITS, Reply, call, infer_body, scale_model, wait_until
+from tests.support.servers import Server, save, start
 
 pytestmark = pytest.mark.slow  # subprocess servers: their log lines are checked
 

@@ -13,9 +13,9 @@ import httpx
 import pytest
 from hypothesis import HealthCheck, settings
 
-from service.app import create_app
+from service.server import create_app
 from service.settings import Settings
-from tests.service.servers import InThread
+from tests.support.servers import InThread
 
 try:
     import schemathesis

@@ -20,7 +20,7 @@ import pytest
 
 from converter.cli import main as convert_main
 from service.settings import BUNDLED_REPOSITORY
-from tests.reliability.helpers import (
+from tests.support.reliability import (
     DIGITS,
     call,
     hwm_mb,
@@ -31,7 +31,7 @@ from tests.reliability.helpers import (
     reset_hwm,
     rss_mb,
 )
-from tests.service.servers import InThread, Server, in_process, start
+from tests.support.servers import InThread, Server, in_process, start
 
 ROOT = Path(__file__).resolve().parents[2]
 

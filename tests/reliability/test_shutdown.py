@@ -32,8 +32,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.reliability.helpers import SLOW, metric, read_reply, request_bytes, wait_until
-from tests.service.servers import Server, save, slow_model, start
+from tests.support.reliability import SLOW, metric, read_reply, request_bytes, wait_until
+from tests.support.servers import Server, save, slow_model, start
 
 pytestmark = pytest.mark.slow  # a subprocess server and a signal
 

@@ -24,13 +24,13 @@ import tritonclient.http.aio as httpclient
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.errors import ModelLoadError
-from service.loading import load_model
-from service.model_config import ModelConfig
+from service.runtime.loading import load_model
+from service.runtime.model_config import ModelConfig
 from service.settings import Settings
-from tests.reliability.helpers import metric, wait_until
-from tests.service.batching_models import FEATURES, build_batching_repository, mlp_model
-from tests.service.grpc_servers import start_grpc
-from tests.service.servers import InThread, hold_inference, in_process
+from tests.support.batching_models import FEATURES, build_batching_repository, mlp_model
+from tests.support.grpc_servers import start_grpc
+from tests.support.reliability import metric, wait_until
+from tests.support.servers import InThread, hold_inference, in_process
 
 MAX_BATCH = 8
 

@@ -12,10 +12,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tritonclient.http._infer_result import InferResult
 
-from service.codec import OutputTensor, encode_response, parse_request
-from service.datatypes import DATATYPES
 from service.errors import BadRequest
-from tests.service.triton import triton_body
+from service.rest.codec import OutputTensor, encode_response, parse_request
+from service.v2.datatypes import DATATYPES
+from tests.support.triton import triton_body
 
 LIMIT = 1 << 20
 RNG = np.random.default_rng(0)

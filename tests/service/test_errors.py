@@ -14,8 +14,8 @@ import pytest
 import tritonclient.http as tc
 from tritonclient.utils import InferenceServerException
 
-from tests.reliability.helpers import metric, read_reply, wait_until
-from tests.service.servers import InThread, hold_inference, in_process
+from tests.support.reliability import metric, read_reply, wait_until
+from tests.support.servers import InThread, hold_inference, in_process
 
 PIXELS = {"name": "pixels", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": [0.0] * 64}
 

@@ -13,9 +13,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from service import fastjson
-from service.codec import InferRequest, parse_request
 from service.errors import BadRequest
+from service.rest import fastjson
+from service.rest.codec import InferRequest, parse_request
 
 LIMIT = 1 << 20
 
@@ -162,8 +162,8 @@ def test_a_real_server_answers_a_large_json_request_like_onnx_runtime(tmp_path: 
     import tritonclient.http as tc
     from onnx import TensorProto, helper, numpy_helper
 
-    from tests.service.servers import in_process, save
-    from tests.service.triton import triton_body
+    from tests.support.servers import in_process, save
+    from tests.support.triton import triton_body
 
     n = 20_000  # ~400 KB of JSON: over MIN_BYTES, and over the size decoded off the event loop
     graph = helper.make_graph(

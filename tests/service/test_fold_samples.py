@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from service.settings import BUNDLED_REPOSITORY
-from tests.service.servers import in_process
+from tests.support.servers import in_process
 
 
 def repository(tmp_path: Path) -> Path:

@@ -23,10 +23,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
-from service.datatypes import V2_TYPES
-from tests.reliability.helpers import metric, wait_until
-from tests.service.grpc_servers import GrpcServer, build_grpc_repository, identity_model, start_grpc
-from tests.service.servers import free_port, hold_inference, in_process, save, slow_model
+from service.v2.datatypes import V2_TYPES
+from tests.support.grpc_servers import GrpcServer, build_grpc_repository, identity_model, start_grpc
+from tests.support.reliability import metric, wait_until
+from tests.support.servers import free_port, hold_inference, in_process, save, slow_model
 
 KEY = "s3cret"
 BEARER = {"authorization": f"Bearer {KEY}"}

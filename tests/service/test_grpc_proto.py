@@ -1,4 +1,4 @@
-"""service/protos: the committed module is what the .proto generates, and every message is wire-compatible
+"""service/grpc/protos: the committed module is what the .proto generates, and every message is wire-compatible
 with tritonclient's generated ``inference.*`` messages (same field numbers, types, labels, nested types)."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from google.protobuf.descriptor import Descriptor, EnumDescriptor, FieldDescript
 from tritonclient.grpc import model_config_pb2, service_pb2
 
 ROOT = Path(__file__).resolve().parents[2]
-PROTO = "service/protos/grpc_predict_v2.proto"
+PROTO = "service/grpc/protos/grpc_predict_v2.proto"
 #: the lines a different grpcio-tools version writes differently (version stamps, not content)
 STAMPS = re.compile(r"^(# Protobuf Python Version: .*|    \d+,)$", re.M)
 
@@ -31,10 +31,10 @@ def test_regenerating_changes_nothing(tmp_path: Path) -> None:
     """The module is byte for byte what protoc writes, version stamps aside (its descriptor is the whole
     content); the typing stub's style varies by grpcio-tools version, so only its names are compared."""
     generate(tmp_path, f"--python_out={tmp_path}", f"--pyi_out={tmp_path}")
-    fresh, committed = tmp_path / "service" / "protos", ROOT / "service" / "protos"
+    fresh, committed = tmp_path / "service" / "grpc" / "protos", ROOT / "service" / "grpc" / "protos"
     module = "grpc_predict_v2_pb2.py"
     assert STAMPS.sub("", (fresh / module).read_text()) == STAMPS.sub("", (committed / module).read_text()), (
-        "regenerate service/protos (see its __init__.py)"
+        "regenerate service/grpc/protos (see its __init__.py)"
     )
     names = re.compile(r"^\s*(class \w+|\w+_FIELD_NUMBER)", re.M)
     stub = "grpc_predict_v2_pb2.pyi"

@@ -15,10 +15,9 @@ import httpx
 import pytest
 
 from service import cli
-from service.dataplane import DataPlane
 from service.settings import BUNDLED_REPOSITORY, Settings, unknown_variables
-from tests.reliability.helpers import metric, wait_until
-from tests.service.servers import in_process, slow_model, start
+from tests.support.reliability import metric, wait_until
+from tests.support.servers import in_process, slow_model, start
 
 SLOW = {"inputs": [{"name": "x", "shape": [1, 384], "datatype": "FP32", "data": [0.5] * 384}]}
 
@@ -77,9 +76,10 @@ def test_single_model_file_mode_and_sigterm_drain(tmp_path: Path) -> None:
 
 def test_readiness_drops_the_moment_a_signal_arrives() -> None:
     """The app chains onto the server's SIGTERM handler: readiness goes first, then the server's own handler."""
-    from service.app import _drain_on_signals
+    from service.server import Server, drain_on_signals
 
-    svc = DataPlane(Settings())
+    server = Server(Settings(grpc_port=0))
+    svc = server.dataplane
     svc.started = True
     svc.repository.ready_count = lambda: 1  # type: ignore[method-assign]
     assert svc.ready
@@ -87,7 +87,7 @@ def test_readiness_drops_the_moment_a_signal_arrives() -> None:
     saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         signal.signal(signal.SIGTERM, lambda s, f: received.append(s))  # stands in for uvicorn's handler
-        _drain_on_signals(svc)
+        drain_on_signals(server.drain)
         handler = signal.getsignal(signal.SIGTERM)
         assert callable(handler)
         handler(signal.SIGTERM, None)
@@ -195,8 +195,8 @@ def test_two_workers(tmp_path: Path) -> None:
 def test_intra_op_threads_zero_means_the_cpus_this_process_may_use(tmp_path: Path, setting: int, expected: int) -> None:
     import onnx
 
-    from service.loading import load_model
-    from service.model_config import ModelConfig
+    from service.runtime.loading import load_model
+    from service.runtime.model_config import ModelConfig
 
     path = tmp_path / "model.onnx"
     onnx.save(slow_model(8, 1), str(path))

@@ -17,8 +17,8 @@ import threading
 
 import pytest
 
-from service import memory
-from service.dataplane import DataPlane
+from service.runtime import memory
+from service.server import Server
 from service.settings import Settings
 
 pytestmark = pytest.mark.skipif(
@@ -27,7 +27,7 @@ pytestmark = pytest.mark.skipif(
 
 PROBE = """
 import ctypes, sys
-from service import memory
+from service.runtime import memory
 libc = ctypes.CDLL("libc.so.6")
 libc.malloc.restype = ctypes.c_void_p
 libc.malloc.argtypes = [ctypes.c_size_t]
@@ -60,10 +60,14 @@ def test_an_operator_malloc_threshold_wins() -> None:
 def test_service_start_applies_the_setting(monkeypatch: pytest.MonkeyPatch, setting: bool) -> None:
     calls: list[bool] = []
     monkeypatch.setattr(memory, "reuse_large_buffers", lambda: calls.append(True) or True)
-    svc = DataPlane(Settings(reuse_large_buffers=setting))
+    server = Server(Settings(reuse_large_buffers=setting, grpc_port=0))
+
+    async def start_and_stop() -> None:
+        await server.start()
+        await server.stop()
+
     # a thread of its own: a browser test's sync Playwright may have left an event loop running in this thread
-    starter = threading.Thread(target=asyncio.run, args=(svc.start(),))
+    starter = threading.Thread(target=asyncio.run, args=(start_and_stop(),))
     starter.start()
     starter.join()
-    svc.stop()
     assert calls == ([True] if setting else [])

@@ -16,8 +16,8 @@ from tritonclient.utils import InferenceServerException
 
 from converter import convert
 from service.settings import BUNDLED_REPOSITORY
-from tests.reliability.helpers import metric
-from tests.service.servers import V2_TYPES, InThread, hold_inference
+from tests.support.reliability import metric
+from tests.support.servers import V2_TYPES, InThread, hold_inference
 
 DIGITS = BUNDLED_REPOSITORY / "digits" / "1" / "model.onnx"
 RNG = np.random.default_rng(0)

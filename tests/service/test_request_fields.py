@@ -26,12 +26,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import helper
 
-from service import fastjson
-from service.app import create_app, lifespan
-from service.codec import DATATYPES, parse_request
 from service.errors import BadRequest
+from service.rest import fastjson
+from service.rest.codec import DATATYPES, parse_request
+from service.server import create_app
 from service.settings import Settings
-from tests.service.servers import V2_TYPES, Server, _model, build_repository, save
+from tests.support.servers import V2_TYPES, Server, _model, build_repository, save
 
 REMOVE = "<remove>"  # a sentinel the mutation applies as "delete this key / element"
 Path_ = tuple[str | int, ...]
@@ -263,7 +263,7 @@ def app(repository: Path) -> Iterator[InProcess]:
         )
     )
     loop = asyncio.new_event_loop()
-    span = lifespan(asgi.app)
+    span = asgi.app.state.server.lifespan(asgi.app)
     loop.run_until_complete(span.__aenter__())
     records = Records()
     logger = logging.getLogger("bnfold")

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from packaging.requirements import Requirement
 
-from tests.service.servers import Server, start
+from tests.support.servers import Server, start
 
 ROOT = Path(__file__).resolve().parents[2]
 

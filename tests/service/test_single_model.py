@@ -16,9 +16,9 @@ import pytest
 from service.cli import build_parser
 from service.errors import ModelLoadError
 from service.logging_setup import JsonFormatter
-from service.repository import single_model_file
+from service.runtime.repository import single_model_file
 from service.settings import BUNDLED_REPOSITORY
-from tests.service.servers import start
+from tests.support.servers import start
 
 DIGITS = BUNDLED_REPOSITORY / "digits" / "1" / "model.onnx"
 PIXELS = {"inputs": [{"name": "pixels", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": [3.0] * 64}]}

@@ -37,7 +37,7 @@ def test_service_and_converter_do_not_import_tensorflow(tmp_path: Path) -> None:
     tiny_onnx(tmp_path / "m.onnx")
     code = f"""
 import sys
-import service.app, service.cli, converter, converter.cli, converter.pipeline
+import service.server, service.cli, converter, converter.cli, converter.pipeline
 from converter import cli
 assert cli.main(["convert", {str(tmp_path / "m.onnx")!r}, "-o", {str(tmp_path / "o.onnx")!r}, "-q"]) == 0
 heavy = sorted(m for m in ("tensorflow", "tf2onnx", "keras", "h5py") if m in sys.modules)

@@ -1,0 +1,182 @@
+"""The REST transport's FastAPI routes: health, metadata, config and metrics, each a thin call into the
+:class:`~service.dataplane.DataPlane`. Inference is answered ahead of FastAPI by :mod:`service.rest`; its
+routes are declared here only for the OpenAPI schema (:data:`infer_schema`, never mounted for routing).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+
+from service.dataplane import DataPlane
+from service.metrics import CONTENT_TYPE
+from service.rest.openapi import (
+    Error,
+    InferenceResponse,
+    Live,
+    ModelMetadata,
+    ModelReady,
+    Ready,
+    ServerMetadata,
+)
+
+router = APIRouter()
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": Error, "description": "Malformed request, or one that does not fit the model"},
+    401: {"model": Error, "description": "BNFOLD_API_KEY is set and the Bearer token is missing or wrong"},
+    404: {"model": Error, "description": "Unknown model or version"},
+    503: {"model": Error, "description": "Not ready, or the queue is full (see Retry-After)"},
+}
+INFER_ERRORS: dict[int | str, dict[str, Any]] = {
+    **ERRORS,
+    408: {"model": Error, "description": "Body not received within BNFOLD_BODY_TIMEOUT_SECONDS"},
+    413: {"model": Error, "description": "Body larger than BNFOLD_MAX_BODY_BYTES"},
+    415: {"model": Error, "description": "Content-Encoding other than gzip, deflate or identity"},
+    504: {"model": Error, "description": "The request's timeout parameter expired"},
+}
+
+
+def dataplane(request: Request) -> DataPlane:
+    plane: DataPlane = request.app.state.dataplane
+    return plane
+
+
+def credentials(request: Request) -> bytes | None:
+    value = request.headers.get("authorization")
+    return None if value is None else value.encode("latin-1")
+
+
+def json_response(payload: Any, status: int = 200) -> Response:
+    return Response(orjson.dumps(payload), status_code=status, media_type="application/json")
+
+
+# ------------------------------------------------------------------------------------ server endpoints
+@router.get("/v2", response_model=ServerMetadata, tags=["server"])
+async def server_metadata(request: Request) -> Response:
+    return json_response(dataplane(request).server_metadata())
+
+
+@router.get("/v2/health/live", response_model=Live, tags=["health"])
+async def live() -> Response:
+    return json_response({"live": True})
+
+
+@router.get("/v2/health/ready", response_model=Ready, responses={503: {"model": Ready}}, tags=["health"])
+async def ready(request: Request) -> Response:
+    ok = dataplane(request).ready
+    return json_response({"ready": ok}, 200 if ok else 503)
+
+
+@router.get("/metrics", tags=["health"], response_class=Response)
+async def metrics(request: Request) -> Response:
+    return Response(dataplane(request).metrics.export(), media_type=CONTENT_TYPE)
+
+
+# ------------------------------------------------------------------------------------- model endpoints
+# Each endpoint has an unversioned and a versioned route, with separate handlers so that neither publishes a
+# parameter it does not take.
+@router.get("/v2/models/{model_name}", response_model=ModelMetadata, responses=ERRORS, tags=["models"])
+async def model_metadata(request: Request, model_name: str) -> Response:
+    return _metadata(request, model_name, None)
+
+
+@router.get(
+    "/v2/models/{model_name}/versions/{model_version}",
+    response_model=ModelMetadata,
+    responses=ERRORS,
+    tags=["models"],
+)
+async def model_version_metadata(request: Request, model_name: str, model_version: str) -> Response:
+    return _metadata(request, model_name, model_version)
+
+
+def _metadata(request: Request, name: str, version: str | None) -> Response:
+    return json_response(dataplane(request).model_metadata(name, version, credentials(request)))
+
+
+@router.get("/v2/models/{model_name}/ready", response_model=ModelReady, responses=ERRORS, tags=["models"])
+async def model_ready(request: Request, model_name: str) -> Response:
+    return _ready(request, model_name, None)
+
+
+@router.get(
+    "/v2/models/{model_name}/versions/{model_version}/ready",
+    response_model=ModelReady,
+    responses=ERRORS,
+    tags=["models"],
+)
+async def model_version_ready(request: Request, model_name: str, model_version: str) -> Response:
+    return _ready(request, model_name, model_version)
+
+
+def _ready(request: Request, name: str, version: str | None) -> Response:
+    name, version, ok = dataplane(request).model_ready(name, version, credentials(request))
+    return json_response({"name": name, "version": version, "ready": ok}, 200 if ok else 503)
+
+
+@router.get("/v2/models/{model_name}/config", responses=ERRORS, tags=["models"])
+async def model_config(request: Request, model_name: str) -> Response:
+    return _config(request, model_name, None)
+
+
+@router.get("/v2/models/{model_name}/versions/{model_version}/config", responses=ERRORS, tags=["models"])
+async def model_version_config(request: Request, model_name: str, model_version: str) -> Response:
+    return _config(request, model_name, model_version)
+
+
+def _config(request: Request, name: str, version: str | None) -> Response:
+    return json_response(dataplane(request).model_config(name, version, credentials(request)))
+
+
+# ------------------------------------------------------------------------------------------- inference
+INFER_DOC = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {"schema": {"$ref": "#/components/schemas/InferenceRequest"}},
+            "application/octet-stream": {
+                "schema": {"type": "string", "format": "binary"},
+                "description": "JSON header of Inference-Header-Content-Length bytes, then binary tensors",
+            },
+        },
+    },
+    "parameters": [
+        {
+            "name": "Inference-Header-Content-Length",
+            "in": "header",
+            "required": False,
+            "schema": {"type": "integer", "minimum": 0},
+            "description": "Length of the JSON header when binary tensors follow it (0: a raw single-input body)",
+        }
+    ],
+}
+
+
+#: Declared for the OpenAPI schema only: :class:`service.rest.InferenceMiddleware` answers these paths.
+infer_schema = APIRouter()
+
+
+@infer_schema.post(
+    "/v2/models/{model_name}/infer",
+    response_model=InferenceResponse,
+    responses=INFER_ERRORS,
+    openapi_extra=INFER_DOC,
+    tags=["inference"],
+)
+async def infer(model_name: str) -> None:
+    """Run the model on the request's inputs."""
+
+
+@infer_schema.post(
+    "/v2/models/{model_name}/versions/{model_version}/infer",
+    response_model=InferenceResponse,
+    responses=INFER_ERRORS,
+    openapi_extra=INFER_DOC,
+    tags=["inference"],
+)
+async def infer_version(model_name: str, model_version: str) -> None:
+    """Run this version of the model on the request's inputs."""
