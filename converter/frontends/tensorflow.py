@@ -58,6 +58,7 @@ from converter.core import Framework, Source
 from converter.errors import ConversionError, InputError, first_line
 from converter.frontends import tensorflow_patterns
 from converter.frontends.base import Exported, exported_source, reference
+from converter.graph import int_attribute
 from converter.verify import resolve_declared
 
 log = logging.getLogger("bnfold.converter")
@@ -506,7 +507,7 @@ def add_zero_biases(model: ModelProto) -> int:
         weight = inits.get(node.input[1])
         if weight is None or len(weight.dims) < 3:
             continue
-        group = next((a.i for a in node.attribute if a.name == "group"), 1)
+        group = int_attribute(node, "group", 1)
         channels = weight.dims[0] if node.op_type == "Conv" else weight.dims[1] * group
         dtype = numpy_helper.to_array(weight).dtype
         base = f"{node.name or node.output[0]}_zero_bias"
