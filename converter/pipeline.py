@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,14 @@ def _copy(model: ModelProto) -> ModelProto:
     return copy
 
 
+def _options(arguments: Mapping[str, Any]) -> Options:
+    """The one place where an entry point's keyword arguments become :class:`Options`: every argument named like an
+    option field (``inputs`` as path strings). ``arguments`` is the entry point's ``locals()`` on entry."""
+    given = {f.name: arguments[f.name] for f in fields(Options) if f.name in arguments}
+    given["inputs"] = tuple(os.fspath(p) for p in given.get("inputs", ()))
+    return Options(**given)
+
+
 def convert(
     model: ModelProto | str | os.PathLike[str],
     *,
@@ -67,19 +75,7 @@ def convert(
     Raises :class:`ConversionError` for input that cannot be converted and :class:`VerificationError` when
     the result does not reproduce the original within tolerance.
     """
-    options = Options(
-        bn=bn,
-        verify=verify,
-        atol=atol,
-        rtol=rtol,
-        input_shapes=input_shapes,
-        fp16=fp16,
-        fp16_io=fp16_io,
-        seed=seed,
-        inputs=tuple(os.fspath(p) for p in inputs),
-        random=random,
-        trace=trace,
-    )
+    options = _options(locals())
     phases = Phases()
     with phases("load"):
         if isinstance(model, ModelProto):
@@ -182,18 +178,7 @@ def convert_torch(
     (tolerance :data:`converter.frontends.torch.TOLERANCE` in float32). The other options are those of
     :func:`convert`. Needs the ``torch`` extra.
     """
-    options = Options(
-        bn=bn,
-        verify=verify,
-        atol=atol,
-        rtol=rtol,
-        fp16=fp16,
-        fp16_io=fp16_io,
-        seed=seed,
-        inputs=tuple(os.fspath(p) for p in inputs),
-        random=random,
-        trace=trace,
-    )
+    options = _options(locals())
     phases = Phases()
     with phases("export"):
         exported = torch.export_module(module, example_inputs)
@@ -226,18 +211,7 @@ def convert_keras(
     the exported one) and compares the converted model's outputs with TensorFlow's ``training=False`` outputs
     (tolerance :data:`converter.frontends.tensorflow.TOLERANCE`). Needs the ``tensorflow`` extra.
     """
-    options = Options(
-        bn=bn,
-        verify=verify,
-        atol=atol,
-        rtol=rtol,
-        fp16=fp16,
-        fp16_io=fp16_io,
-        seed=seed,
-        inputs=tuple(os.fspath(p) for p in inputs),
-        random=random,
-        trace=trace,
-    )
+    options = _options(locals())
     phases = Phases()
     with phases("export"):
         exported = tensorflow.export_model(model, input_signature, input_shapes=input_shapes, seed=seed)
