@@ -2,7 +2,7 @@
 
 Models: every case of ``converter.zoo.FOLD_CASES`` (one per rule bnfold has beyond Conv→BN, and the negative twins
 that must keep their BatchNorm), plus small PyTorch modules exported the way bnfold exports them
-(``converter.torch_export.export_module``: ``dynamo=False, do_constant_folding=False``) when torch is installed:
+(``converter.frontends.torch.export_module``: ``dynamo=False, do_constant_folding=False``) when torch is installed:
 a Linear→BN1d MLP, BN1d on raw features before a Linear, a Keras-ordered Conv→ReLU→BN block, an Inception-style
 concat, a CRNN tail (Conv2d to height 1, squeeze, BN1d) and a sequence Linear (3-D MatMul, reshaped, BN1d).
 
@@ -225,10 +225,10 @@ def torch_models() -> dict[str, tuple[Callable[[], Any], Any, str]]:
 def models() -> list[tuple[str, str, ModelProto]]:
     out = [(case.name, case.why, case.build()) for case in zoo.FOLD_CASES]
     if torch_models():
-        from converter import torch_export
+        from converter.frontends import torch as torch_frontend
 
         for name, (make, example, why) in torch_models().items():
-            out.append((name, why, torch_export.export_module(make(), example).model))
+            out.append((name, why, torch_frontend.export_module(make(), example).model))
     return out
 
 

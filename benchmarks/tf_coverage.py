@@ -3,10 +3,11 @@
     python -m benchmarks.tf_coverage [--out benchmarks/results/tf_coverage.json]   # needs the tensorflow extra
 
 For each case of :mod:`examples.tensorflow.cases` (plus the fine-tuned model with a frozen BN and a
-hand-written BN), it counts BatchNormalization nodes and constant Mul→Add pairs (:func:`tf_export.affine_pairs`)
-in (a) tf2onnx's default conversion (``tf2onnx.convert.from_function``, its grappler and ONNX optimizers on)
-and (b) bnfold's output, and reports bnfold's max relative error against TensorFlow (``training=False``) and
-tf2onnx default's, both on the same seeded input of batch 2.
+hand-written BN), it counts BatchNormalization nodes and constant Mul→Add pairs
+(:func:`converter.frontends.tensorflow.affine_pairs`) in (a) tf2onnx's default conversion
+(``tf2onnx.convert.from_function``, its grappler and ONNX optimizers on) and (b) bnfold's output, and reports
+bnfold's max relative error against TensorFlow (``training=False``) and tf2onnx default's, both on the same
+seeded input of batch 2.
 """
 
 from __future__ import annotations
@@ -39,8 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     import tensorflow as tf
     import tf2onnx
 
-    from converter import convert_keras, tf_export
-    from converter.tf_export import _quiet
+    from converter import convert_keras
+    from converter.frontends import tensorflow as tf_frontend
+    from converter.frontends.tensorflow import _quiet
     from examples.tensorflow import cases, manual_bn
 
     models: list[tuple[str, Any, Any]] = [(name, cases.build(name), None) for name in cases.CASES]
@@ -66,14 +68,14 @@ def main(argv: list[str] | None = None) -> int:
             default, _ = tf2onnx.convert.from_function(
                 tf.function(fn, input_signature=specs), input_signature=specs, opset=17
             )
-        left_default = tf_export.affine_pairs(default)
+        left_default = tf_frontend.affine_pairs(default)
         err_default = float(np.abs(_ort(default, x) - want).max() / np.abs(want).max())
         if signature is None:
             result = convert_keras(model)
         else:
             result = convert_keras(_KerasLike(model), signature)
         before = _raw_export(result)
-        after = tf_export.affine_pairs(result.model)
+        after = tf_frontend.affine_pairs(result.model)
         err = float(np.abs(_ort(result.model, x) - want).max() / np.abs(want).max())
         rows.append(
             {

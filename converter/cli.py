@@ -23,8 +23,9 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import FrameType
 
-from converter import tf_export, torch_export
+from converter import frontends
 from converter.errors import ConversionError, InputError, VerificationError
+from converter.frontends import torch
 from converter.modelio import staged
 from converter.options import BN_MODES, Options
 from converter.pipeline import convert_file, inspect_model
@@ -98,7 +99,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Register ``convert`` and ``inspect`` on a subcommand parser."""
-    f32, f16, pt = TOLERANCES["float32"], TOLERANCES["float16"], torch_export.TOLERANCE
+    f32, f16, pt = TOLERANCES["float32"], TOLERANCES["float16"], torch.TOLERANCE
     conv = sub.add_parser(
         "convert",
         help="fold BatchNorm into the preceding layer, verify in ONNX Runtime, write ONNX",
@@ -202,7 +203,7 @@ def _convert(args: argparse.Namespace) -> int:
         out = Path(args.output)
         if out.exists() and src.exists() and os.path.samefile(src, out):
             raise InputError(f"{out}: refusing to overwrite the input without --in-place")
-    if args.in_place and (tf_export.sniff(src) is not None or torch_export.sniff(src) is not None):
+    if args.in_place and frontends.recognise(src) is not None:
         raise InputError(f"{src}: --in-place needs an ONNX input; give the output file with -o OUT.onnx")
     try:
         report = convert_file(args.input, args.output, options, in_place=args.in_place)

@@ -22,8 +22,11 @@ from converter import consteval
 #: Pseudo consumer index for a value read implicitly by a subgraph.
 SUBGRAPH = -1
 
-#: A node attribute's value, or ``default`` (defined with the evaluator, which needs it first).
+#: A node attribute's value, or ``default``; an int attribute (``default`` unless it is an int); a list of ints
+#: ([] when absent). Defined with the evaluator, which needs them first.
 attribute = consteval.attribute
+int_attribute = consteval.int_attribute
+ints_attribute = consteval.ints_attribute
 
 #: Side-effect-free ops that :meth:`Graph.prune` removes once nothing reads them.
 PRUNABLE = consteval.OPS | {"Constant"}
@@ -123,6 +126,19 @@ class Graph:
     def sole_user(self, name: str, idx: int) -> bool:
         """True when node ``idx`` is the only reader of ``name`` and ``name`` is not a graph output."""
         return name not in self.outputs and set(self.users(name)) == {idx}
+
+    def sole_reader(self, name: str, *, once: bool = False) -> int | None:
+        """The id of the one node reading ``name``, when that node is a standard ONNX op, no subgraph reads
+        ``name`` and it is not a graph output; else None. ``once``: the node must also read it at one input only.
+        """
+        users = set(self.users(name))
+        if name in self.outputs or len(users) != 1 or SUBGRAPH in users:
+            return None
+        idx = users.pop()
+        node = self.nodes[idx]
+        if node.domain not in ("", "ai.onnx") or (once and list(node.input).count(name) != 1):
+            return None
+        return idx
 
     def constant(self, name: str) -> NDArray[Any] | None:
         """The value of ``name`` when it is a constant, else None.

@@ -1,25 +1,26 @@
 """The entry points: ``convert`` (a model in memory), ``convert_file`` (file to file, atomic), ``inspect_model``
-(what a conversion would do) and ``convert_torch`` (an nn.Module). Each builds a :class:`~converter.core.Source`
-and runs the one core, :func:`converter.core.run`.
+(what a conversion would do), ``convert_torch`` (an nn.Module) and ``convert_keras`` (a Keras model). Each builds
+a :class:`~converter.core.Source` and runs the one core, :func:`converter.core.run`.
 
-A PyTorch input (a TorchScript or torch.export file, or ``convert_torch`` with an nn.Module) is first exported to
-ONNX by :mod:`converter.torch_export`, and the result is verified twice: against the exported ONNX in ONNX
-Runtime, and against PyTorch's own eval-mode outputs.
+A PyTorch or TensorFlow input (a file, or a model in memory) is first exported to ONNX by its front end
+(:mod:`converter.frontends`), which builds the source: the result is verified twice, against the exported ONNX
+in ONNX Runtime and against the framework's own inference-mode outputs.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import replace
+from collections.abc import Mapping, Sequence
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
 from onnx import ModelProto
 
-from converter import modelio, tf_export, tf_patterns, torch_export
-from converter.core import ConversionResult, Framework, Source, run
+from converter import frontends, modelio
+from converter.core import ConversionResult, Source, run
 from converter.errors import InputError
+from converter.frontends import tensorflow, torch
 from converter.options import BN_MODES, Options
 from converter.report import Report
 from converter.timing import Phases
@@ -42,13 +43,12 @@ def _copy(model: ModelProto) -> ModelProto:
     return copy
 
 
-def _parsed(data: bytes) -> Callable[[], ModelProto]:
-    def parse() -> ModelProto:
-        model = ModelProto()
-        model.ParseFromString(data)
-        return model
-
-    return parse
+def _options(arguments: Mapping[str, Any]) -> Options:
+    """The one place where an entry point's keyword arguments become :class:`Options`: every argument named like an
+    option field (``inputs`` as path strings). ``arguments`` is the entry point's ``locals()`` on entry."""
+    given = {f.name: arguments[f.name] for f in fields(Options) if f.name in arguments}
+    given["inputs"] = tuple(os.fspath(p) for p in given.get("inputs", ()))
+    return Options(**given)
 
 
 def convert(
@@ -75,9 +75,7 @@ def convert(
     Raises :class:`ConversionError` for input that cannot be converted and :class:`VerificationError` when
     the result does not reproduce the original within tolerance.
     """
-    options = Options(
-        bn, verify, atol, rtol, input_shapes, fp16, fp16_io, seed, tuple(os.fspath(p) for p in inputs), random, trace
-    )
+    options = _options(locals())
     phases = Phases()
     with phases("load"):
         if isinstance(model, ModelProto):
@@ -108,7 +106,7 @@ def convert_file(
         dst_path = Path(dst)
         if not in_place and dst_path.exists() and src_path.exists() and os.path.samefile(src_path, dst_path):
             raise InputError(f"{dst_path}: refusing to overwrite the input unless converting in place")
-    if in_place and (tf_export.sniff(src_path) is not None or torch_export.sniff(src_path) is not None):
+    if in_place and frontends.recognise(src_path) is not None:
         raise InputError(f"{src_path}: converting in place needs an ONNX input; give an output file (.onnx)")
     source, options = _file_source(src_path, options, phases)
     return run(source, options, phases, dst_path).report
@@ -134,16 +132,10 @@ def inspect_model(src: str | os.PathLike[str] | ModelProto, options: Options | N
 
 
 def _file_source(path: Path, options: Options, phases: Phases) -> tuple[Source, Options]:
-    """An ONNX file as it is, or a PyTorch or TensorFlow file exported to ONNX (with that framework as a second
-    reference)."""
-    tf_kind = tf_export.sniff(path)  # recognises the file without importing TensorFlow
-    if tf_kind is not None:
-        with phases("export"):
-            exported = tf_export.export_file(path, tf_kind, options.input_shapes, options.seed)
-            modelio.check(exported.model, f"{path} (exported to ONNX)")
-        return _tf_source(exported, str(path)), replace(options, input_shapes=exported.input_shapes)
-    kind = torch_export.sniff(path)
-    if kind is None:
+    """An ONNX file as it is, or a PyTorch or TensorFlow file exported to ONNX by its front end (with that
+    framework as a second reference)."""
+    recognised = frontends.recognise(path)  # recognises the file without importing any framework
+    if recognised is None:
         with phases("load"):
             loaded = modelio.load(path)
         src = Source(
@@ -155,38 +147,11 @@ def _file_source(path: Path, options: Options, phases: Phases) -> tuple[Source, 
             external_data=loaded.external_data,
         )
         return src, options
+    frontend, kind = recognised
     with phases("export"):
-        exported = torch_export.export_file(path, kind, options.input_shapes, options.seed)
+        exported = frontend.export_file(path, kind, options.input_shapes, options.seed)
         modelio.check(exported.model, f"{path} (exported to ONNX)")
-    return _torch_source(exported, str(path)), replace(options, input_shapes=exported.input_shapes)
-
-
-def _torch_source(exported: torch_export.Exported, name: str) -> Source:
-    reference = torch_export.reference(exported, "PyTorch eval")
-    framework = Framework("PyTorch", reference, torch_export.TOLERANCE, "verify_pytorch", _torch_hint)
-    return exported_source(exported, name, framework)
-
-
-def exported_source(exported: torch_export.Exported, name: str, framework: Framework) -> Source:
-    """A model another framework exported to ONNX, with that framework as the second reference. A new source
-    kind (TensorFlow/Keras) needs only its export and a :class:`Framework` whose reference is
-    ``Reference.framework(label, forward, fixed_inputs)``."""
-    serialised = exported.model.SerializeToString()  # rewrite() changes exported.model in place
-    return Source(
-        exported.model,
-        name,
-        serialised,
-        "the exported ONNX model",
-        _parsed(serialised),
-        framework=framework,
-        notes=list(exported.notes),
-    )
-
-
-def _torch_hint(report: Report) -> str:
-    if report.training:
-        return "; the PyTorch model runs BatchNorm in training mode (traced in train mode?): trace after .eval()"
-    return ""
+    return frontend.source(exported, str(path)), replace(options, input_shapes=exported.input_shapes)
 
 
 def convert_torch(
@@ -210,43 +175,16 @@ def convert_torch(
     eval-mode outputs are computed on; the module's training flag is restored afterwards. Verification runs
     the ONNX Runtime comparison of :func:`convert` (seeded random inputs of the same shapes, and ``inputs``)
     and compares the converted model's outputs with PyTorch's on the example inputs and ``inputs``
-    (tolerance :data:`converter.torch_export.TOLERANCE` in float32). The other options are those of
+    (tolerance :data:`converter.frontends.torch.TOLERANCE` in float32). The other options are those of
     :func:`convert`. Needs the ``torch`` extra.
     """
-    options = Options(
-        bn, verify, atol, rtol, None, fp16, fp16_io, seed, tuple(os.fspath(p) for p in inputs), random, trace
-    )
+    options = _options(locals())
     phases = Phases()
     with phases("export"):
-        exported = torch_export.export_module(module, example_inputs)
+        exported = torch.export_module(module, example_inputs)
         modelio.check(exported.model)
     options = replace(options, input_shapes=exported.input_shapes)
-    return run(_torch_source(exported, f"<{exported.kind} {type(module).__name__}>"), options, phases)
-
-
-def torch_tolerances(options: Options) -> tuple[float, float]:
-    """Tolerance of the PyTorch comparison: ``atol``/``rtol`` when given, else the cross-framework one
-    (:data:`converter.torch_export.TOLERANCE`), or the float16 one with ``fp16``."""
-    return options.framework_tolerances(torch_export.TOLERANCE)
-
-
-# --------------------------------------------------------------------------------------------------------
-# TensorFlow/Keras in (converter.tf_export; TensorFlow is imported only when such an input arrives)
-
-
-def _tf_source(exported: torch_export.Exported, name: str) -> Source:
-    """The tf2onnx export as the ORT reference; then TensorFlow's forms canonicalised for the rules (exact
-    rewrites, so verifying against the unrewritten export covers them too)."""
-    reference = torch_export.reference(exported, "TensorFlow inference (training=False)")
-    framework = Framework("TensorFlow", reference, tf_export.TOLERANCE, "verify_tensorflow")
-    source = exported_source(exported, name, framework)
-    counts = tf_patterns.canonicalise(source.model)
-    if any(counts.values()):
-        source.notes.append(
-            f"TensorFlow forms rewritten for folding: {counts['moved']} Mul/Add moved before a layout op, "
-            f"{counts['gemm']} MatMul(+bias) made Gemm"
-        )
-    return source
+    return run(torch.source(exported, f"<{exported.kind} {type(module).__name__}>"), options, phases)
 
 
 def convert_keras(
@@ -271,14 +209,12 @@ def convert_keras(
     model's input signature, dynamic dims included; ``input_shapes`` fixes those dims for verification
     (default 1). Verification runs the ONNX Runtime comparison of :func:`convert` (the converted model against
     the exported one) and compares the converted model's outputs with TensorFlow's ``training=False`` outputs
-    (tolerance :data:`converter.tf_export.TOLERANCE`). Needs the ``tensorflow`` extra.
+    (tolerance :data:`converter.frontends.tensorflow.TOLERANCE`). Needs the ``tensorflow`` extra.
     """
-    options = Options(
-        bn, verify, atol, rtol, None, fp16, fp16_io, seed, tuple(os.fspath(p) for p in inputs), random, trace
-    )
+    options = _options(locals())
     phases = Phases()
     with phases("export"):
-        exported = tf_export.export_model(model, input_signature, input_shapes=input_shapes, seed=seed)
+        exported = tensorflow.export_model(model, input_signature, input_shapes=input_shapes, seed=seed)
         modelio.check(exported.model, "the Keras model (exported to ONNX)")
     options = replace(options, input_shapes=exported.input_shapes)
-    return run(_tf_source(exported, f"<{exported.kind} {type(model).__name__}>"), options, phases)
+    return run(tensorflow.source(exported, f"<{exported.kind} {type(model).__name__}>"), options, phases)

@@ -119,7 +119,7 @@ def _fold_all(g: Graph, info: ValueInfo, cast: readiness.Recorder, layers: dict[
             record.folded_into(producer.op_type, display_name(producer))
             record.into, record.fold = found.into, found.kind
             # a Concat split writes one weight per part: its readiness figures are not one layer's
-            before = None if isinstance(found, rules.Split) else np.asarray(found.weight)
+            before = None if found.weight is None else np.asarray(found.weight)
             cast.take()
             found.apply(g, cast)
             weight, bias = cast.take()

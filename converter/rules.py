@@ -1,8 +1,9 @@
 """One rule per producer that can absorb a per-channel affine map ``y = s·x + t``, and how a map finds one.
 
 The map is a test-mode BatchNormalization, or a per-channel Mul(constant) then Add(constant) chain (the
-decomposed ``tf.nn.batch_normalization`` that TensorFlow exports produce). ``match`` returns a fold or a
-:class:`Skip` with the reason, never raises for a pattern it declines; the fold's ``apply`` rewrites the graph.
+decomposed ``tf.nn.batch_normalization`` that TensorFlow exports produce). ``match`` returns a fold (a
+:class:`~converter.affine.Fold`) or a :class:`Skip` with the reason, never raises for a pattern it declines; the
+fold's ``apply`` rewrites the graph.
 Each fold says how it was found (:class:`FoldKind`):
 
   * backward: into the node producing the map's input (Conv, ConvTranspose, Gemm, MatMul [+ bias Add]);
@@ -32,9 +33,9 @@ from numpy.typing import NDArray
 from onnx import NodeProto
 
 from converter import folding, forward
-from converter.affine import Affine, FoldKind, Skip, add_after, drop_attributes, folded_name
+from converter.affine import Affine, Fold, FoldKind, Skip, add_after, fold_gemm_node, folded_name, gemm_before_opset_7
 from converter.folding import F64, FOLDABLE_DTYPES
-from converter.graph import SUBGRAPH, Graph, attribute, display_name
+from converter.graph import Graph, attribute, display_name, int_attribute
 from converter.shapes import Cast, ValueInfo
 
 __all__ = [
@@ -42,6 +43,7 @@ __all__ = [
     "DEFAULT_RULES",
     "SHAPE_OPS",
     "Affine",
+    "Fold",
     "FoldKind",
     "Match",
     "Rule",
@@ -155,6 +157,7 @@ class Rule:
         return None
 
     def fold(self, node: NodeProto, m: Match) -> tuple[F64, F64]:
+        """The new weight and bias, in float64; drops the node's attributes they absorb (Gemm's alpha and beta)."""
         raise NotImplementedError
 
     def fold_constants(self, g: Graph, m: Match, cast: Cast) -> int:
@@ -164,15 +167,11 @@ class Rule:
         w2, b2 = self.fold(node, m)
         g.write_constant(m.producer, 1, cast(w2, m.weight.dtype, name), folded_name(node, "weight"))
         g.write_constant(m.producer, self.bias_input, cast(b2, m.weight.dtype, name), folded_name(node, "bias"))
-        self.finish(g, m)
         return m.producer
 
     def apply(self, g: Graph, m: Match, cast: Cast) -> None:
         tail = self.fold_constants(g, m, cast)
         splice(g, m.via[-1] if m.via else tail, m.affine)
-
-    def finish(self, g: Graph, m: Match) -> None:
-        """Adjust the producer's attributes after its constants changed."""
 
 
 class ConvFold(Rule):
@@ -191,7 +190,7 @@ class ConvTransposeFold(Rule):
     producers = ("ConvTranspose",)
 
     def check(self, g: Graph, node: NodeProto, weight: Weight, info: ValueInfo, via: bool) -> int | Skip:
-        group = _int_attr(node, "group", 1)
+        group = int_attribute(node, "group", 1)
         if weight.ndim < 3 or group < 1 or weight.shape[0] % group:
             return Skip(
                 f"ConvTranspose {display_name(node)} has a weight {weight.shape} that does not fit group={group}"
@@ -199,7 +198,7 @@ class ConvTransposeFold(Rule):
         return int(weight.shape[1]) * group
 
     def fold(self, node: NodeProto, m: Match) -> tuple[F64, F64]:
-        group = _int_attr(node, "group", 1)
+        group = int_attribute(node, "group", 1)
         return folding.fold_conv_transpose(m.weight, m.bias, m.s, m.t, group)
 
 
@@ -207,20 +206,15 @@ class GemmFold(Rule):
     producers = ("Gemm",)
 
     def check(self, g: Graph, node: NodeProto, weight: Weight, info: ValueInfo, via: bool) -> int | Skip:
-        if g.opset < 7:
-            return Skip("Gemm before opset 7 (legacy broadcast attribute)")
+        refused = gemm_before_opset_7(g)
+        if refused is not None:
+            return refused
         if weight.ndim != 2:
             return Skip(f"Gemm {display_name(node)} has a B of rank {weight.ndim}")
         return int(weight.shape[0] if attribute(node, "transB", 0) else weight.shape[1])
 
     def fold(self, node: NodeProto, m: Match) -> tuple[F64, F64]:
-        alpha = float(attribute(node, "alpha", 1.0))  # type: ignore[arg-type]
-        beta = float(attribute(node, "beta", 1.0))  # type: ignore[arg-type]
-        trans_b = bool(attribute(node, "transB", 0))
-        return folding.fold_gemm(m.weight, m.bias, m.s, m.t, alpha, beta, trans_b)
-
-    def finish(self, g: Graph, m: Match) -> None:
-        drop_attributes(g.node(m.producer), ("alpha", "beta"))
+        return fold_gemm_node(node, folding.fold_gemm, m.weight, m.bias, m.s, m.t)
 
 
 class MatMulFold(Rule):
@@ -298,15 +292,18 @@ class Split:
     def producer(self) -> int:
         return self.concat
 
+    @property
+    def weight(self) -> None:
+        """None: a split rewrites one weight per part, so its readiness figures are not one layer's."""
+        return None
+
     def apply(self, g: Graph, cast: Cast) -> None:
         for part in self.parts:
             part.rule.fold_constants(g, part, cast)
         splice(g, self.concat, self.affine)
 
 
-def match(
-    g: Graph, affine: Affine, info: ValueInfo, rules: tuple[Rule, ...] = DEFAULT_RULES
-) -> Match | Split | forward.Forward | Skip:
+def match(g: Graph, affine: Affine, info: ValueInfo, rules: tuple[Rule, ...] = DEFAULT_RULES) -> Fold | Skip:
     """The fold of ``affine``: backward (directly, through shape ops, split over a Concat), else forward."""
     backward = match_backward(g, affine, info, rules)
     if not isinstance(backward, Skip):
@@ -413,7 +410,7 @@ def _split_concat(g: Graph, idx: int, affine: Affine, info: ValueInfo, rules: tu
     node = g.node(idx)
     what = f"Concat {display_name(node)}"
     rank = info.rank(node.output[0])
-    axis = _int_attr(node, "axis", 0)
+    axis = int_attribute(node, "axis", 0)
     if axis < 0:
         if rank is None:
             return Skip(f"its input comes from {what} on axis {axis} of a tensor of unknown rank")
@@ -473,7 +470,7 @@ def chain_after(g: Graph, producer: int) -> Affine | None:
         return None
     rank = 2 if node.op_type == "Gemm" else weight.ndim
     out = node.output[0]
-    first = _sole_reader(g, out)
+    first = g.sole_reader(out, once=True)
     if first is None:
         return None
     first_node = g.node(first)
@@ -483,7 +480,7 @@ def chain_after(g: Graph, producer: int) -> Affine | None:
             return None
         nodes, end = [first], first_node.output[0]
         t: F64 = np.zeros(1)
-        second = _sole_reader(g, end)
+        second = g.sole_reader(end, once=True)
         if second is not None and g.node(second).op_type == "Add":
             shift = _channel_operand(g, g.node(second), end, rank)
             if shift is not None:
@@ -498,17 +495,6 @@ def chain_after(g: Graph, producer: int) -> Affine | None:
     return None
 
 
-def _sole_reader(g: Graph, name: str) -> int | None:
-    users = set(g.users(name))
-    if name in g.outputs or len(users) != 1 or SUBGRAPH in users:
-        return None
-    idx = users.pop()
-    node = g.node(idx)
-    if node.domain not in ("", "ai.onnx") or list(node.input).count(name) != 1:
-        return None
-    return idx
-
-
 def _channel_operand(g: Graph, node: NodeProto, x: str, rank: int) -> F64 | None:
     """The other operand of a binary node as a per-channel vector (axis 1 of a rank-``rank`` x), or None."""
     if len(node.input) != 2:
@@ -521,8 +507,3 @@ def _channel_operand(g: Graph, node: NodeProto, x: str, rank: int) -> F64 | None
     if any(d != 1 for axis, d in enumerate(shape) if axis != 1):
         return None
     return np.asarray(value, dtype=np.float64).reshape(-1)
-
-
-def _int_attr(node: NodeProto, name: str, default: int) -> int:
-    value = attribute(node, name, default)
-    return int(value) if isinstance(value, int) else default

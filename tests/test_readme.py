@@ -319,6 +319,10 @@ def test_wheel_contains_the_model(tmp_path: Path) -> None:
     (wheel,) = tmp_path.glob("bnfold-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     assert {"service/models/digits/1/model.onnx", "service/models/digits/config.json"} <= names
+    sources = {
+        p.relative_to(ROOT).as_posix() for package in ("converter", "service") for p in (ROOT / package).rglob("*.py")
+    }
+    assert sources <= names, f"modules missing from the wheel (pyproject's packages): {sorted(sources - names)}"
     assert not [n for n in names if n.startswith(("tests/", "examples/", "benchmarks/"))]
 
 

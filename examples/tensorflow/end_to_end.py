@@ -27,7 +27,7 @@ import onnx
 import onnxruntime as ort
 
 from converter import cli as converter_cli
-from converter import tf_export
+from converter.frontends import tensorflow as tf_frontend
 from examples.tensorflow import manual_bn
 from service.launcher import LaunchError, bnfold_command, free_port, launch
 
@@ -99,7 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if code != 0:
         return code
     layers = json.loads(report.read_text())["layers"]
-    left = tf_export.affine_pairs(onnx.load(str(out)))
+    left = tf_frontend.affine_pairs(onnx.load(str(out)))
     folded = sum(r["action"] == "folded" for r in layers)
     print(f"  {folded} per-channel maps folded (BatchNorms, and a conv bias Add); left: {left}")
     images, _ = manual_bn.make_bars(100, np.random.default_rng(SEED + 2))

@@ -10,8 +10,9 @@ pytest.importorskip("tf2onnx")
 
 import onnxruntime as ort  # noqa: E402
 
-from converter import convert_keras, tf_export  # noqa: E402
+from converter import convert_keras  # noqa: E402
 from converter.errors import VerificationError  # noqa: E402
+from converter.frontends import tensorflow as tf_frontend  # noqa: E402
 from examples.tensorflow import cases  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -36,7 +37,7 @@ def test_layer_folds_to_zero_bn(name: str) -> None:
     model = cases.build(name)
     result = convert_keras(model)
     report = result.report
-    assert tf_export.affine_pairs(result.model) == {"batchnorm": 0, "mul_add": 0}
+    assert tf_frontend.affine_pairs(result.model) == {"batchnorm": 0, "mul_add": 0}
     folded = [layer for layer in report.layers if layer.action == "folded"]
     bns = sum(isinstance(layer, cases.L.BatchNormalization) for layer in model.layers)
     assert len(folded) >= bns, [(layer.name, layer.reason) for layer in report.layers]
@@ -57,7 +58,7 @@ def test_frozen_bn_in_fine_tuned_model() -> None:
     for before, after in zip(frozen, base_bn.get_weights(), strict=True):
         np.testing.assert_array_equal(before, after)  # the frozen BN kept its statistics while the head trained
     result = convert_keras(model)
-    assert tf_export.affine_pairs(result.model) == {"batchnorm": 0, "mul_add": 0}
+    assert tf_frontend.affine_pairs(result.model) == {"batchnorm": 0, "mul_add": 0}
     assert result.report.extra_verifications[0].passed
     x = np.random.default_rng(3).standard_normal((4, 8, 8, 3)).astype(np.float32)
     want = np.asarray(model(x, training=False))
@@ -66,19 +67,19 @@ def test_frozen_bn_in_fine_tuned_model() -> None:
 
 def test_bn_mode_keep_leaves_the_mul_add() -> None:
     result = convert_keras(cases.build("Conv2D use_bias=False"), bn="keep")
-    assert tf_export.affine_pairs(result.model)["mul_add"] == 1
+    assert tf_frontend.affine_pairs(result.model)["mul_add"] == 1
     assert result.report.extra_verifications[0].passed
 
 
 def test_tensorflow_comparison_can_fail(monkeypatch: pytest.MonkeyPatch) -> None:
     """A converted model that differs from TensorFlow (here: TensorFlow's outputs nudged by 1e-3) is refused."""
-    real = tf_export._run
+    real = tf_frontend._run
 
     def nudged(*args: object, **kwargs: object) -> tuple[list[np.ndarray], str]:
         outputs, how = real(*args, **kwargs)  # type: ignore[arg-type]
         return [o + np.float32(1e-3) * np.abs(o).max() for o in outputs], how
 
-    monkeypatch.setattr(tf_export, "_run", nudged)
+    monkeypatch.setattr(tf_frontend, "_run", nudged)
     with pytest.raises(VerificationError, match="against TensorFlow failed"):
         convert_keras(cases.build("Dense"))
 

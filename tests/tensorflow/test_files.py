@@ -13,7 +13,8 @@ tf = pytest.importorskip("tensorflow")
 pytest.importorskip("tf2onnx")
 import keras  # noqa: E402
 
-from converter import cli, tf_export  # noqa: E402
+from converter import cli  # noqa: E402
+from converter.frontends import tensorflow as tf_frontend  # noqa: E402
 from examples.tensorflow import cases, manual_bn  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -41,7 +42,7 @@ def test_file_formats(fmt: str, model: object, tmp_path: Path, capsys: pytest.Ca
     code, text, err = convert(capsys, str(src), "-o", str(out), "--report", str(tmp_path / "r.json"))
     assert code == 0, err
     assert "verification passed against TensorFlow inference (training=False)" in text
-    assert tf_export.affine_pairs(onnx.load(str(out))) == {"batchnorm": 0, "mul_add": 0}
+    assert tf_frontend.affine_pairs(onnx.load(str(out))) == {"batchnorm": 0, "mul_add": 0}
     report = json.loads((tmp_path / "r.json").read_text())
     assert [layer["action"] for layer in report["layers"]] == ["folded"]
 
@@ -87,7 +88,7 @@ def test_seed_hand_written_batchnorm(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert code == 0, err
     assert "verification passed against TensorFlow inference" in text
     folded = onnx.load(str(out))
-    assert tf_export.affine_pairs(folded) == {"batchnorm": 0, "mul_add": 0}
+    assert tf_frontend.affine_pairs(folded) == {"batchnorm": 0, "mul_add": 0}
     assert not any(n.op_type in ("Sqrt", "Reciprocal", "Sub") for n in folded.graph.node)
     import onnxruntime as ort
 
@@ -109,7 +110,7 @@ def test_fused_batchnorm_savedmodel(tmp_path: Path, capsys: pytest.CaptureFixtur
     code, text, err = convert(capsys, str(tmp_path / "fused"), "-o", str(out))
     assert code == 0, err
     assert "BatchNormalization 1 -> 0" in text
-    assert tf_export.affine_pairs(onnx.load(str(out))) == {"batchnorm": 0, "mul_add": 0}
+    assert tf_frontend.affine_pairs(onnx.load(str(out))) == {"batchnorm": 0, "mul_add": 0}
     assert ("Conv", "BatchNormalization") in back_to_back_optimizer._func_map  # tf2onnx left as it was
 
 

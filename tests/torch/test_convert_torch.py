@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from converter import VerificationError, convert_torch, torch_export
+from converter import VerificationError, convert_torch
+from converter.frontends import torch as torch_frontend
 from tests.torch.nets import ARCHITECTURES, assert_close, batchnorms, inputs, op_types, run_onnx, trained
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -39,7 +40,7 @@ def test_folds_everything_foldable_and_matches_pytorch(arch: str) -> None:
     assert report.verification is not None and report.verification.passed
     [check] = report.extra_verifications
     assert check.passed and check.reference == "PyTorch eval on the example inputs"
-    assert (check.atol, check.rtol) == torch_export.TOLERANCE
+    assert (check.atol, check.rtol) == torch_frontend.TOLERANCE
     assert "verification passed against PyTorch eval" in report.to_text()
 
     # and on inputs neither verification saw
@@ -122,7 +123,7 @@ def test_a_pytorch_mismatch_fails_verification_with_exit_code_3() -> None:
 
 
 def test_the_default_exporter_settings_would_have_folded_bn_themselves() -> None:
-    """Why torch_export passes do_constant_folding=False: torch's own default folds Conv+BN in float32."""
+    """Why the torch front end passes do_constant_folding=False: torch's own default folds Conv+BN in float32."""
     import io
 
     import onnx
@@ -132,6 +133,6 @@ def test_the_default_exporter_settings_would_have_folded_bn_themselves() -> None
     buffer = io.BytesIO()
     torch.onnx.export(module, (inputs(shape, 1),), buffer, dynamo=False)
     default = op_types(onnx.load_from_string(buffer.getvalue()))
-    exported = torch_export.export_module(module, inputs(shape, 1))
+    exported = torch_frontend.export_module(module, inputs(shape, 1))
     assert default.count("BatchNormalization") < len(batchnorms(module))
     assert op_types(exported.model).count("BatchNormalization") == len(batchnorms(module))

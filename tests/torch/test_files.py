@@ -15,8 +15,8 @@ import pytest
 import torch
 from torch import nn
 
-from converter import torch_export
 from converter.cli import main
+from converter.frontends import torch as torch_frontend
 from tests.torch.nets import ARCHITECTURES, assert_close, batchnorms, inputs, op_types, run_onnx, trained
 
 SHAPE = (2, 3, 32, 32)
@@ -111,10 +111,10 @@ def test_exported_program_file_with_an_input_shape(program: Path, tmp_path: Path
 def test_the_kind_is_read_from_the_content_not_the_suffix(
     scripted: Path, program: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    for src, kind in ((scripted, torch_export.TORCHSCRIPT), (program, torch_export.EXPORTED_PROGRAM)):
+    for src, kind in ((scripted, torch_frontend.TORCHSCRIPT), (program, torch_frontend.EXPORTED_PROGRAM)):
         renamed = tmp_path / f"{kind}.bin"
         renamed.write_bytes(src.read_bytes())
-        assert torch_export.sniff(renamed) == kind
+        assert torch_frontend.sniff(renamed) == kind
     assert main(["inspect", str(tmp_path / "TorchScript.bin"), "--input-shape", "2,3,32,32", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert [layer["action"] for layer in data["layers"]] == ["folded"] * 6
@@ -245,8 +245,8 @@ def test_input_problems_are_exit_2(scripted: Path, tmp_path: Path, capsys: pytes
 def test_a_disagreement_with_pytorch_is_exit_3_and_writes_nothing(
     scripted: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real_run = torch_export._run
-    monkeypatch.setattr(torch_export, "_run", lambda *a: [y + 0.01 for y in real_run(*a)])
+    real_run = torch_frontend._run
+    monkeypatch.setattr(torch_frontend, "_run", lambda *a: [y + 0.01 for y in real_run(*a)])
     out = tmp_path / "o.onnx"
     assert main(["convert", str(scripted), "-o", str(out), "--input-shape", "2,3,32,32"]) == 3
     err = capsys.readouterr().err

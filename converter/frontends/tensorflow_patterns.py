@@ -30,7 +30,7 @@ from numpy.typing import NDArray
 from onnx import ModelProto, NodeProto, helper
 
 from converter.folding import FOLDABLE_DTYPES
-from converter.graph import SUBGRAPH, Graph, attribute
+from converter.graph import Graph, attribute
 from converter.shapes import ValueInfo
 
 log = logging.getLogger("bnfold.converter")
@@ -60,13 +60,6 @@ def canonicalise(model: ModelProto) -> dict[str, int]:
 
 def _rank(info: ValueInfo, ranks: dict[str, int], name: str) -> int | None:
     return ranks[name] if name in ranks else info.rank(name)
-
-
-def _sole_reader(g: Graph, name: str) -> int | None:
-    users = set(g.users(name))
-    if name in g.outputs or len(users) != 1 or SUBGRAPH in users:
-        return None
-    return users.pop()
 
 
 def _const_operand(g: Graph, node: NodeProto) -> tuple[int, NDArray[Any]] | None:
@@ -130,7 +123,7 @@ def commute_layout(g: Graph, info: ValueInfo, ranks: dict[str, int]) -> int:
         pos, const = found
         x = node.input[pos]
         lidx = g.producer(x)
-        if lidx is None or _sole_reader(g, x) != idx:
+        if lidx is None or g.sole_reader(x) != idx:
             continue
         layout = g.node(lidx)
         if layout.op_type not in LAYOUT_OPS or layout.domain not in ("", "ai.onnx") or len(layout.output) != 1:
@@ -171,7 +164,7 @@ def matmul_to_gemm(g: Graph, info: ValueInfo) -> int:
             continue
         if info.rank(node.input[0]) != 2:
             continue
-        reader = _sole_reader(g, node.output[0])
+        reader = g.sole_reader(node.output[0])
         if reader is None:
             continue
         bias_add: int | None = None
@@ -186,7 +179,7 @@ def matmul_to_gemm(g: Graph, info: ValueInfo) -> int:
                     bias_add, bias_name, end = reader, rnode.input[1 - pos], rnode.output[0]
                     if bias.ndim != 1:
                         bias_name = g.add_initializer(f"{rnode.name or end}_bias", bias.reshape(-1))
-        after = _sole_reader(g, end)
+        after = g.sole_reader(end)
         if after is None:
             continue
         anode = g.node(after)

@@ -1,5 +1,5 @@
-"""converter.tf_patterns on hand-built graphs of tf2onnx's forms (no TensorFlow needed): the rewrites are exact
-and bring the per-channel Mul/Add where the standard rules fold it."""
+"""converter.frontends.tensorflow_patterns on hand-built graphs of tf2onnx's forms (no TensorFlow needed): the
+rewrites are exact and bring the per-channel Mul/Add where the standard rules fold it."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import numpy as np
 import onnxruntime as ort
 from onnx import ModelProto, TensorProto, helper, numpy_helper
 
-from converter import convert, tf_patterns
+from converter import convert
+from converter.frontends import tensorflow_patterns
 
 RNG = np.random.default_rng(0)
 
@@ -38,7 +39,7 @@ def check(model: ModelProto, x: np.ndarray, canonical: list[str], folded: list[s
     before = run(model, x)
     work = ModelProto()
     work.CopyFrom(model)
-    tf_patterns.canonicalise(work)
+    tensorflow_patterns.canonicalise(work)
     assert ops(work) == canonical
     np.testing.assert_allclose(run(work, x), before, rtol=0, atol=0)  # only elementwise work was reordered
     result = convert(work)
@@ -91,7 +92,7 @@ def test_dense_matmul_bias_becomes_gemm() -> None:
     before = run(model, x)
     work = ModelProto()
     work.CopyFrom(model)
-    assert tf_patterns.canonicalise(work) == {"moved": 0, "gemm": 1}
+    assert tensorflow_patterns.canonicalise(work) == {"moved": 0, "gemm": 1}
     assert ops(work) == ["Gemm", "Mul", "Add"]
     np.testing.assert_allclose(run(work, x), before, rtol=1e-6, atol=1e-6)
     result = convert(work)
@@ -109,5 +110,5 @@ def test_unsqueeze_that_would_broadcast_is_left() -> None:
     ]
     model = make(nodes, [2, 3, 8], [2, 4, 3, 6], consts)
     model.graph.initializer.append(numpy_helper.from_array(np.array([2], np.int64), "axes"))
-    assert tf_patterns.canonicalise(model) == {"moved": 0, "gemm": 0}
+    assert tensorflow_patterns.canonicalise(model) == {"moved": 0, "gemm": 0}
     assert ops(model) == ["Conv", "Unsqueeze", "Mul"]

@@ -28,8 +28,9 @@ folds BatchNorm, and bnfold does it in float64 and verifies it:
    into a *bias-less* Conv's weights and an Add into its bias, in float32); then all of tf2onnx's optimizers
    run, with ``remove_back_to_back``'s Conv+BatchNormalization fusion taken out: they remove the NHWC↔NCHW
    Transpose pairs around each convolution and push BatchNorm's Mul/Add in front of the remaining ones.
-3. :func:`converter.tf_patterns.canonicalise` moves what tf2onnx left behind layout ops (Conv1D's Squeeze)
-   next to its producer and turns Dense's MatMul + bias into Gemm, so the standard rules fold it.
+3. :func:`converter.frontends.tensorflow_patterns.canonicalise` moves what tf2onnx left behind layout ops
+   (Conv1D's Squeeze) next to its producer and turns Dense's MatMul + bias into Gemm, so the standard rules
+   fold it.
 
 The model's reference outputs are TensorFlow's own (``training=False``) on seeded random inputs drawn like
 :func:`converter.verify.random_inputs`; when TensorFlow's CPU kernels refuse a layout (``channels_first``
@@ -53,8 +54,11 @@ import numpy as np
 from numpy.typing import NDArray
 from onnx import ModelProto, numpy_helper
 
+from converter.core import Framework, Source
 from converter.errors import ConversionError, InputError, first_line
-from converter.torch_export import Exported
+from converter.frontends import tensorflow_patterns
+from converter.frontends.base import Exported, exported_source, reference
+from converter.graph import int_attribute
 from converter.verify import resolve_declared
 
 log = logging.getLogger("bnfold.converter")
@@ -429,6 +433,22 @@ def _export(
     return exported
 
 
+def source(exported: Exported, name: str) -> Source:
+    """The tf2onnx export as the ORT reference; then TensorFlow's forms canonicalised for the rules (exact
+    rewrites, so verifying against the unrewritten export covers them too)."""
+    framework = Framework(
+        "TensorFlow", reference(exported, "TensorFlow inference (training=False)"), TOLERANCE, "verify_tensorflow"
+    )
+    converted = exported_source(exported, name, framework)
+    counts = tensorflow_patterns.canonicalise(converted.model)
+    if any(counts.values()):
+        converted.notes.append(
+            f"TensorFlow forms rewritten for folding: {counts['moved']} Mul/Add moved before a layout op, "
+            f"{counts['gemm']} MatMul(+bias) made Gemm"
+        )
+    return converted
+
+
 @contextlib.contextmanager
 def _without_conv_bn_fusion() -> Iterator[None]:
     """tf2onnx's ``remove_back_to_back`` optimizer without its Conv+BatchNormalization fusion (float32).
@@ -487,7 +507,7 @@ def add_zero_biases(model: ModelProto) -> int:
         weight = inits.get(node.input[1])
         if weight is None or len(weight.dims) < 3:
             continue
-        group = next((a.i for a in node.attribute if a.name == "group"), 1)
+        group = int_attribute(node, "group", 1)
         channels = weight.dims[0] if node.op_type == "Conv" else weight.dims[1] * group
         dtype = numpy_helper.to_array(weight).dtype
         base = f"{node.name or node.output[0]}_zero_bias"

@@ -44,7 +44,6 @@ import logging
 import warnings
 import zipfile
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -53,9 +52,11 @@ import onnx
 from numpy.typing import NDArray
 from onnx import ModelProto
 
-from converter import verify
+from converter.core import Framework, Source
 from converter.errors import ConversionError, InputError, shape_hint
 from converter.errors import first_line as _first_line
+from converter.frontends.base import Exported, exported_source, reference
+from converter.report import Report
 
 log = logging.getLogger("bnfold.converter")
 
@@ -88,24 +89,6 @@ _LEGACY = "torch.onnx.export(dynamo=False, do_constant_folding=False, training=T
 _DYNAMO = "torch.onnx.export(dynamo=True, optimize=False) + onnxscript fold_constants"
 
 Array = NDArray[Any]
-
-
-@dataclass
-class Exported:
-    """A PyTorch model exported to ONNX, with the inputs PyTorch ran on and its eval-mode outputs."""
-
-    model: ModelProto
-    kind: str  # TORCHSCRIPT, EXPORTED_PROGRAM, MODULE
-    feeds: dict[str, Array]  # ONNX input name -> the input PyTorch ran on
-    expected: list[Array]  # PyTorch's outputs, flattened, in the ONNX output order
-    inputs_from: str  # "seed 0 random inputs", "the program's stored example inputs", "the example inputs"
-    seed: int = 0
-    notes: list[str] = field(default_factory=list)
-    forward: verify.OutputsFn | None = None  # runs the PyTorch model (eval mode, no grad) on other inputs
-
-    @property
-    def input_shapes(self) -> dict[str, list[int]]:
-        return {name: list(value.shape) for name, value in self.feeds.items()}
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -498,16 +481,13 @@ def reference_label(exported: Exported) -> str:
     return f"PyTorch eval on {exported.inputs_from}"
 
 
-def reference(exported: Exported, label: str = "PyTorch eval") -> verify.Reference:
-    """The framework's eval-mode forward as a verification reference: always checked on the inputs it ran at
-    export (their outputs are already known), and on real samples when the forward pass is at hand."""
-    fixed = verify.InputSet(exported.inputs_from, [exported.feeds])
+def source(exported: Exported, name: str) -> Source:
+    """The exported ONNX model, verified against it in ONNX Runtime and against PyTorch's eval-mode outputs."""
+    framework = Framework("PyTorch", reference(exported, "PyTorch eval"), TOLERANCE, "verify_pytorch", _hint)
+    return exported_source(exported, name, framework)
 
-    def forward(feeds: Mapping[str, Array]) -> Sequence[Array]:
-        if feeds is exported.feeds:
-            return exported.expected
-        if exported.forward is None:
-            raise InputError(f"{exported.kind}: the source model is not at hand to run on other inputs")
-        return exported.forward(feeds)
 
-    return verify.Reference.framework(label, forward, fixed)
+def _hint(report: Report) -> str:
+    if report.training:
+        return "; the PyTorch model runs BatchNorm in training mode (traced in train mode?): trace after .eval()"
+    return ""
