@@ -7,12 +7,13 @@
 PyTorch in (needs ``pip install "bnfold[torch]"``): ``convert_torch(module, example_inputs)``, or a TorchScript /
 torch.export file given to :func:`convert_file` or ``bnfold convert``. TensorFlow in (needs
 ``pip install "bnfold[tensorflow]"``): ``convert_keras(model, input_signature)``, or a ``.keras``/``.h5`` file or
-SavedModel folder.
+SavedModel folder. INT8 after the fold: ``convert(..., int8=True, inputs=[samples])`` (docs/quantization.md).
 """
 
 from converter.errors import ConversionError, InputError, VerificationError
 from converter.options import BN_MODES, Options
 from converter.pipeline import ConversionResult, convert, convert_file, convert_keras, convert_torch, inspect_model
+from converter.quant_options import Int8Options
 from converter.report import Counts, LayerRecord, Report
 from converter.verify import TOLERANCES, Verification
 
@@ -23,6 +24,7 @@ __all__ = [
     "ConversionResult",
     "Counts",
     "InputError",
+    "Int8Options",
     "LayerRecord",
     "Options",
     "Report",

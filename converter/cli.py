@@ -23,7 +23,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import FrameType
 
-from converter import frontends
+from converter import frontends, quant_options
 from converter.errors import ConversionError, InputError, VerificationError
 from converter.frontends import torch
 from converter.modelio import staged
@@ -126,6 +126,7 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     conv.add_argument("--seed", type=int, default=0, help="seed of the random verification inputs (default 0)")
     conv.add_argument("--report", metavar="FILE", help="also write the report as JSON")
     conv.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
+    quant_options.add_arguments(conv)
     conv.set_defaults(run=_run_convert)
 
     insp = sub.add_parser(
@@ -161,6 +162,7 @@ def _options(args: argparse.Namespace, verify: bool) -> Options:
         inputs=tuple(args.inputs or ()),
         random=not args.no_random,
         trace=args.trace,
+        int8=quant_options.from_args(args) if hasattr(args, "int8") else None,
     )
 
 

@@ -18,7 +18,7 @@ from typing import Any
 
 from onnx import ModelProto
 
-from converter import bn_modes, inputs, modelio
+from converter import bn_modes, inputs, modelio, quantize
 from converter.errors import InputError, VerificationError, first_line
 from converter.graph import nested_nodes
 from converter.options import Options
@@ -63,7 +63,10 @@ class Source:
 
 
 def run(src: Source, options: Options, phases: Phases, dst: Path | None = None) -> ConversionResult:
-    """The core: sample inputs, rewrite, report, verify (in memory, or the staged file when ``dst``), write."""
+    """The core: sample inputs, rewrite, report, verify (in memory, or the staged file when ``dst``), write.
+    With ``options.int8``: that in memory, then quantize, prove and write (:mod:`converter.quantize`)."""
+    if options.int8 is not None:
+        return quantize.run(src, options, phases, dst, fold=run)
     samples: InputSet | None = None
     if options.verify and options.inputs:
         with phases("inputs"):

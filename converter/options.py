@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from converter.errors import InputError
+from converter.quant_options import Int8Options
 from converter.verify import TOLERANCES, InputShapes
 
 BN_MODES: tuple[str, ...] = ("fold", "keep", "affine")
@@ -21,7 +22,7 @@ class Options:
 
     ``inputs``: sample files verification runs on (each sample batch-of-one), besides the seeded random
     inputs unless ``random`` is False. ``trace``: always look for the first diverging node (it is looked for
-    anyway when verification fails).
+    anyway when verification fails). ``int8``: quantize after the fold, calibrating on ``inputs``.
     """
 
     bn: str = "fold"
@@ -35,6 +36,7 @@ class Options:
     inputs: tuple[str, ...] = field(default=())
     random: bool = True
     trace: bool = False
+    int8: Int8Options | None = None  # after the fold, quantize to INT8 (converter.quantize)
 
     def __post_init__(self) -> None:
         if self.bn not in BN_MODES:
@@ -51,6 +53,9 @@ class Options:
             object.__setattr__(self, "inputs", tuple(os.fspath(p) for p in self.inputs))
         if self.verify and not self.random and not self.inputs:
             raise InputError("verification without random inputs needs sample inputs to run on")
+        object.__setattr__(self, "int8", Int8Options.of(self.int8))  # True (the entry points' int8=True): defaults
+        if self.int8 is not None:
+            self.int8.check(self.inputs, self.fp16)
 
     def tolerances(self) -> tuple[float, float]:
         """(atol, rtol) of the ONNX Runtime comparison."""

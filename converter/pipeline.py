@@ -22,6 +22,7 @@ from converter.core import ConversionResult, Source, run
 from converter.errors import InputError
 from converter.frontends import tensorflow, torch
 from converter.options import BN_MODES, Options
+from converter.quant_options import Int8Options
 from converter.report import Report
 from converter.timing import Phases
 
@@ -65,12 +66,15 @@ def convert(
     inputs: Sequence[str | os.PathLike[str]] = (),
     random: bool = True,
     trace: bool = False,
+    int8: bool | Int8Options = False,
 ) -> ConversionResult:
     """Convert a model (a ModelProto, left untouched, or a path) in memory.
 
     ``inputs``: sample files (``.npz``, a directory of ``.npy``/``.npz``, V2 request ``.json``) that
     verification also runs on, one sample at a time; ``random=False`` skips the seeded random inputs.
-    ``trace``: look for the first diverging node even when verification passes.
+    ``trace``: look for the first diverging node even when verification passes. ``int8``: then quantize to INT8,
+    calibrating on ``inputs`` and proving the result on held-out ones (True, or :class:`Int8Options`;
+    :mod:`converter.quantize`).
 
     Raises :class:`ConversionError` for input that cannot be converted and :class:`VerificationError` when
     the result does not reproduce the original within tolerance.
@@ -168,6 +172,7 @@ def convert_torch(
     inputs: Sequence[str | os.PathLike[str]] = (),
     random: bool = True,
     trace: bool = False,
+    int8: bool | Int8Options = False,
 ) -> ConversionResult:
     """Convert a PyTorch ``nn.Module`` (or ScriptModule, or ExportedProgram): export, fold, verify twice.
 
@@ -202,6 +207,7 @@ def convert_keras(
     inputs: Sequence[str | os.PathLike[str]] = (),
     random: bool = True,
     trace: bool = False,
+    int8: bool | Int8Options = False,
 ) -> ConversionResult:
     """Convert a Keras model: export with tf2onnx in inference mode, fold, verify twice.
 

@@ -78,31 +78,35 @@ def fp16_counts(values: Array) -> tuple[int, int, int]:
     return overflow, subnormal, zero
 
 
-def channel_max(weight: Array, node: NodeProto) -> Array:
-    """max|W_c| per output channel of ``node`` (Conv axis 0; ConvTranspose axis 1 within each group; Gemm
-    axis 0 of B with transB=1, else axis 1; MatMul the last axis)."""
+def channel_rows(weight: Array, node: NodeProto) -> Array:
+    """``weight`` as one row per output channel of ``node`` (a view where the layout allows): Conv axis 0;
+    ConvTranspose axis 1 within each group; Gemm axis 0 of B with transB=1, else axis 1; MatMul the last axis.
+    A weight of rank < 2 is one channel per element."""
     w = np.asarray(weight)
     if w.ndim < 2:
-        flat: Array = np.abs(w).reshape(-1)
-        return flat
+        return w.reshape(-1, 1)
     op = node.op_type
     if op == "ConvTranspose":
         groups = int(attribute(node, "group", 1))  # type: ignore[call-overload]
         if groups < 1 or w.shape[0] % groups:
             groups = 1
         w = w.reshape(groups, w.shape[0] // groups, *w.shape[1:])  # (g, C_in/g, C_out/g, k…)
-        other = (1, *range(3, w.ndim))
-        per_group: Array = np.maximum(w.max(axis=other), -w.min(axis=other))  # (g, C_out/g)
-        return per_group.reshape(-1)
+        w = np.moveaxis(w, 2, 1)  # (g, C_out/g, C_in/g, k…)
+        return w.reshape(groups * w.shape[1], -1)
     if op == "Gemm":
         axis = 0 if int(attribute(node, "transB", 0)) else 1  # type: ignore[call-overload]
     elif op == "MatMul":
         axis = w.ndim - 1
     else:
         axis = 0
-    others = tuple(i for i in range(w.ndim) if i != axis)
-    result: Array = np.maximum(w.max(axis=others), -w.min(axis=others))
-    return result.reshape(-1)
+    return np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)
+
+
+def channel_max(weight: Array, node: NodeProto) -> Array:
+    """max|W_c| per output channel of ``node`` (the channels of :func:`channel_rows`)."""
+    rows = channel_rows(weight, node)
+    result: Array = np.maximum(rows.max(axis=1), -rows.min(axis=1))
+    return result
 
 
 def spread(per_channel: Array) -> float | None:

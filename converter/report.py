@@ -12,6 +12,7 @@ import numpy as np
 from onnx import ModelProto
 
 from converter.affine import FoldKind
+from converter.quant_report import Int8Report
 from converter.readiness import WeightStats
 from converter.trace import Trace
 from converter.verify import Verification
@@ -140,6 +141,7 @@ class Report:
     extra_verifications: list[Verification] = field(default_factory=list)
     trace: Trace | None = None  # where the converted graph first departs from the original (on failure, --trace)
     readiness: Readiness | None = None
+    int8: Int8Report | None = None  # the INT8 quantization after the fold, and its proof
     seconds: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
@@ -201,6 +203,8 @@ class Report:
             lines.extend(_verification_lines(v))
         if self.trace is not None:
             lines.extend(self.trace.lines())
+        if self.int8 is not None:
+            lines.extend(self.int8.lines())
         lines.extend(f"note: {n}" for n in self.notes)
         if self.seconds:
             parts = ", ".join(f"{k} {v:.2f}s" for k, v in self.seconds.items())
