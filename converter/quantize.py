@@ -45,6 +45,10 @@ log = logging.getLogger("bnfold.converter")
 
 #: The model metadata key that says a model is quantized, and how (read by the service's model metadata).
 METADATA_KEY = "bnfold.quantization"
+#: Ops that only a quantized model holds (QDQ, or ONNX Runtime's QOperator format and integer kernels).
+QUANTIZED_OPS = frozenset(
+    {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger"}
+)
 #: Calibration sets smaller than this get a note: the ranges may miss what real inputs reach.
 FEW_CALIBRATION_SAMPLES = 50
 
@@ -209,6 +213,16 @@ def _describe(model: ModelProto, info: Int8Report) -> None:
         if prop.key == METADATA_KEY:
             model.metadata_props.remove(prop)
     model.metadata_props.add(key=METADATA_KEY, value=how)
+
+
+def describe(model: ModelProto) -> str | None:
+    """How ``model`` is quantized: what bnfold wrote into its metadata or, for a model quantized elsewhere, the
+    quantization ops it holds; None for a float model."""
+    for prop in model.metadata_props:
+        if prop.key == METADATA_KEY:
+            return str(prop.value)
+    ops = sorted({n.op_type for n in model.graph.node if n.domain in ("", "ai.onnx", "com.microsoft")} & QUANTIZED_OPS)
+    return f"quantized ({', '.join(ops)})" if ops else None
 
 
 def prove(

@@ -9,10 +9,12 @@ import time
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 
 from converter import ConversionError, Report, convert
 from converter.errors import first_line
+from converter.quantize import describe
 from service.errors import ModelLoadError
 from service.runtime.batcher import check_batchable
 from service.runtime.model import LoadedModel
@@ -45,8 +47,12 @@ def load_model(name: str, version: str, path: Path, config: ModelConfig, setting
     source: str | bytes = str(path)
     fold = settings.fold_on_load if config.fold_on_load is None else config.fold_on_load
     samples = samples_for(path)  # DIR/<name>/samples.npz: verify the fold on real inputs instead of random ones
+    graph = _read_graph(path)
+    quantization = describe(graph)  # a quantized model serves as it is; the page and metadata say so
+    has_batchnorm = any(n.op_type == "BatchNormalization" for n in graph.graph.node)
+    del graph
     try:
-        if fold and _has_batchnorm(path):
+        if fold and has_batchnorm:
             result = convert(path, bn="fold", inputs=[samples] if samples else (), random=samples is None)
             fold_report = result.report
             source = result.model.SerializeToString()
@@ -96,6 +102,7 @@ def load_model(name: str, version: str, path: Path, config: ModelConfig, setting
         batching=batching,
     )
     model.samples = samples
+    model.quantization = quantization
     _warm_up(model, settings.warmup_runs)
     model.load_seconds = time.perf_counter() - start
     return model
@@ -149,14 +156,12 @@ def _providers(config: ModelConfig, settings: Settings) -> list[str]:
     return [PROVIDER_NAMES[p.lower()] for p in config.providers]
 
 
-def _has_batchnorm(path: Path) -> bool:
-    import onnx  # noqa: PLC0415  (only at load time)
-
+def _read_graph(path: Path) -> onnx.ModelProto:
+    """The model without its external data: what it holds (BatchNorm? quantized?)."""
     try:
-        model = onnx.load(str(path), load_external_data=False)
+        return onnx.load(str(path), load_external_data=False)
     except Exception as exc:
         raise ModelLoadError(f"{path}: not an ONNX model ({first_line(exc)})") from None
-    return any(n.op_type == "BatchNormalization" for n in model.graph.node)
 
 
 def _spec(arg: ort.NodeArg) -> TensorSpec:

@@ -36,6 +36,7 @@ def model_metadata(model: LoadedModel, versions: list[str], transports: list[str
             "max_batch_size": model.max_batch_size,
             "dynamic_batching": model.batching.metadata() if model.batching else None,
             "folded": fold_summary(model.fold),
+            "quantization": model.quantization,
             "warmup_inputs": model.warmup_inputs,
             "transports": transports,
         },

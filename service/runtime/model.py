@@ -47,6 +47,7 @@ class LoadedModel:
     batching: BatchPolicy | None = None  # dynamic batching (service.runtime.batcher); None: each request runs alone
     samples: Path | None = None  # DIR/<name>/samples.npz: real inputs for fold verification and warm-up
     warmup_inputs: str = "seed 0 random inputs"
+    quantization: str | None = None  # how the model is quantized (converter.quantize.describe); None: float
     inputs_by_name: dict[str, TensorSpec] = field(init=False)
     outputs_by_name: dict[str, TensorSpec] = field(init=False)
     output_names: list[str] = field(init=False)

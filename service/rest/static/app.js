@@ -682,6 +682,7 @@
           { class: "muted" },
           `Providers: ${(b.providers || []).join(", ") || "–"} · max batch size ${b.max_batch_size === undefined ? "–" : b.max_batch_size}`,
         ),
+        b.quantization ? el("p", { class: "quantized" }, el("strong", {}, "Quantized: "), b.quantization) : null,
         foldView(b.folded),
       );
       this.result = new Result(this.id);
