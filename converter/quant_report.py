@@ -100,7 +100,7 @@ class Int8Report:
             if o.nonfinite:
                 parts.append(f"{o.name} has {o.nonfinite} NaN/Inf values")
             elif o.top1 is not None:
-                parts.append(f"{o.name} top-1 agreement {o.top1:.1%} < {self.min_top1:.1%}")
+                parts.append(f"{o.name} top-1 agreement {o.top1:.1%} < {_pct(self.min_top1)}")
             else:
                 parts.append(f"{o.name} SNR {o.snr_db:.1f} dB < {self.min_snr_db:g} dB")
         return ", ".join(parts)
@@ -144,6 +144,10 @@ class Int8Report:
         if self.random:
             out.append(RANDOM_WARNING)
         return out
+
+
+def _pct(fraction: float) -> str:
+    return f"{100 * fraction:g}%"
 
 
 def _kb(n: int) -> str:
@@ -194,7 +198,9 @@ def output_quality(
     agreement = class_agreement(list(got), list(want))
     if agreement is not None:
         top1, topk, k = agreement
-        check = OutputQuality(name, max_abs, snr, top1 >= min_top1, f"top-1 agreement >= {min_top1:.0%}", top1, topk, k)
+        check = OutputQuality(
+            name, max_abs, snr, top1 >= min_top1, f"top-1 agreement >= {_pct(min_top1)}", top1, topk, k
+        )
     else:
         check = OutputQuality(name, max_abs, snr, snr >= min_snr_db, f"SNR >= {min_snr_db:g} dB")
     check.nonfinite = nonfinite

@@ -267,7 +267,7 @@ def test_convert_and_inspect_commands(workdir: Path) -> None:
 
 
 def test_verify_on_real_data_command(workdir: Path) -> None:
-    (line,) = [c for c in commands() if c.startswith("bnfold convert ") and "--inputs" in c]
+    (line,) = [c for c in commands() if c.startswith("bnfold convert ") and "--inputs" in c and "--int8" not in c]
     proc = run(line, workdir)
     assert proc.returncode == 0, proc.stderr
     shown = shown_output("--inputs service/models/digits/samples.npz")
@@ -277,6 +277,20 @@ def test_verify_on_real_data_command(workdir: Path) -> None:
     assert got[start + 1].split(", max abs")[0] == shown[1].split(", max abs")[0]
     assert got[start + 1].split("max rel")[1].split(", ", 1)[1] == shown[1].split("max rel")[1].split(", ", 1)[1]
     assert got[start + 2] == shown[2]
+
+
+def test_int8_command(workdir: Path) -> None:
+    """docs/quantization.md's command prints its INT8 lines: the weight figures exactly (numpy on the weights),
+    the quantized model's figures up to their numbers (ONNX Runtime's integer kernels differ between CPUs)."""
+    (line,) = [c for c in commands() if c.startswith("bnfold convert ") and "--int8" in c]
+    proc = run(line, workdir)
+    assert proc.returncode == 0, proc.stderr
+    shown = shown_output("INT8 part:")
+    got = proc.stdout.splitlines()
+    start = got.index(next(g for g in got if g.startswith("int8: ")))
+    assert got[start : start + 2] == shown[:2]
+    assert got[start + 2].split(": top-1")[0] == shown[2].split(": top-1")[0] and got[start + 2].endswith(" ok")
+    assert got[start + 3 : start + 7] == shown[3:7]
 
 
 def test_install_and_serve_line_is_covered() -> None:
