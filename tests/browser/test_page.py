@@ -6,15 +6,19 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import struct
 import zlib
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 
+from converter import convert
+from service.settings import BUNDLED_REPOSITORY
 from tests.browser.conftest import IMAGE_CONFIGS, IMAGE_LABELS, Console, image_model
 from tests.support.servers import Server, start
 
@@ -82,6 +86,7 @@ def test_page_shows_digits_ready_with_its_folds_within_budget(context: Any, ui_s
     assert digits.locator(".badge").text_content() == "ready"
     assert digits.locator("table.versions tbody tr td").nth(1).text_content() == "ready"
     assert "Folded 3 of 3 BatchNorms" in digits.locator(".fold summary").text_content()
+    assert digits.locator(".quantized").count() == 0  # a float model says nothing about quantization
     folds = digits.locator(".fold li").all_text_contents()
     assert folds == ["bn1 → Conv conv1", "bn2 → Conv conv2", "bn3 → Gemm fc1"]
     rows = [r.locator("td").all_text_contents() for r in digits.locator("table.tensors tbody tr").all()]
@@ -255,6 +260,29 @@ def test_api_key_field_and_the_401_message(context: Any, keyed_server: Server) -
 
     assert all("sesame" not in u and "not-it" not in u for u in [*urls, page.url])
     assert [e for e in console.errors if "status of 401" not in e] == []
+
+
+# ------------------------------------------------------------------------------------------- INT8
+@pytest.fixture(scope="module")
+def int8_server(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """The digits model quantized by ``convert(int8=True)`` with its shipped samples."""
+    repo = tmp_path_factory.mktemp("int8-repo")
+    shutil.copytree(BUNDLED_REPOSITORY / "digits", repo / "digits")
+    path = repo / "digits" / "1" / "model.onnx"
+    onnx.save(convert(str(path), int8=True, inputs=[repo / "digits" / "samples.npz"]).model, str(path))
+    srv = start(tmp_path_factory.mktemp("int8-logs"), "--model-repository", str(repo))
+    yield srv
+    assert srv.stop() == 0, srv.output()[-2000:]
+
+
+def test_an_int8_model_says_it_is_quantized(context: Any, int8_server: Server) -> None:
+    page, console = open_page(context, int8_server)
+    digits = card(page, "digits")
+    assert str(digits.locator(".quantized").text_content()).startswith("Quantized: int8 QDQ: activations uint8")
+    assert digits.locator(".fold").text_content() == "No BatchNormalization folded on load."
+    status = after_run(page, digits, digits.get_by_role("button", name="Example 4", exact=True).click)
+    assert status.startswith("4 ("), status
+    assert console.errors == []
 
 
 def test_phone_width(browser: Any, ui_server: Server) -> None:
