@@ -57,6 +57,9 @@ def run(src: Source, options: Options, phases: Phases, dst: Path | None, fold: F
     """``fold`` (:func:`converter.core.run`: fold and verify the fold, in memory), then quantize, prove, write."""
     int8 = options.int8
     assert int8 is not None
+    already = describe(src.model)
+    if already is not None:
+        raise InputError(f"the model is already quantized ({already}); INT8 quantization needs a float model")
     calibration, proof = _sample_sets(src.model, options, int8, phases)
     folded = fold(src, replace(options, int8=None), phases)
     report = folded.report
@@ -87,12 +90,13 @@ def run(src: Source, options: Options, phases: Phases, dst: Path | None, fold: F
         info.layers = quant_report.layer_ranges(src.original(), model, folds)
     _describe(quantized, info)
     if options.verify:
+        info.verified_on, info.verification_samples = proof.source, len(proof.feeds)
         with phases("verify_int8"):
             try:
                 info.outputs = prove(src.reference, quantized, proof, int8)
             except VerificationError as exc:
+                info.passed, report.seconds = False, phases.finish()
                 raise VerificationError(str(exc), report) from None
-        info.verified_on, info.verification_samples = proof.source, len(proof.feeds)
         info.passed = all(o.passed for o in info.outputs)
         if not info.passed:
             report.seconds = phases.finish()

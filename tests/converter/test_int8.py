@@ -111,6 +111,29 @@ def test_refused_with_one_line_and_nothing_written(
     assert list(tmp_path.iterdir()) == []
 
 
+def test_an_already_quantized_model_is_refused(tmp_path: Path) -> None:
+    quantized = tmp_path / "digits.int8.onnx"
+    onnx.save(convert(str(DIGITS), int8=True, inputs=[SAMPLES]).model, str(quantized))
+    with pytest.raises(InputError, match=r"the model is already quantized \(int8 QDQ: .*\); INT8 quantization needs"):
+        convert(str(quantized), int8=True, inputs=[SAMPLES])
+
+
+def test_a_quantized_model_that_does_not_run_fails_verification(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def broken(m: ModelProto, feeds: Any, int8: Int8Options) -> ModelProto:
+        m.graph.node[0].input[0] = "missing"
+        return m
+
+    monkeypatch.setattr(quantize, "quantize", broken)
+    out = tmp_path / "out.onnx"
+    assert main(["convert", str(DIGITS), "-o", str(out), "--int8", "--inputs", str(SAMPLES)]) == 3
+    err = capsys.readouterr().err
+    assert "int8 verification FAILED against the float model on 20 samples held out" in err
+    assert "bnfold: error: the INT8 model does not run in ONNX Runtime: " in err
+    assert not out.exists()
+
+
 def test_python_refuses_int8_without_samples() -> None:
     with pytest.raises(InputError, match="INT8 needs real samples"):
         convert(str(DIGITS), int8=True)
