@@ -19,17 +19,11 @@ import ast
 from collections.abc import Collection, Iterator
 from pathlib import Path
 
+from tests.support.layers import LAYERS, layer
+
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("service", "converter")
 
-LAYERS: list[tuple[str, tuple[str, ...]]] = [  # top to bottom
-    ("entry", ("service.cli", "service.server", "service.launcher", "service.__main__")),
-    ("transports", ("service.rest", "service.grpc")),
-    ("dataplane", ("service.dataplane",)),
-    ("runtime", ("service.runtime",)),
-    ("v2", ("service.v2",)),
-    ("shared", ("service.errors", "service.metrics", "service.settings", "service.logging_setup", "service")),
-]
 #: third-party packages only these service rooms may import
 ONLY_IN = {
     "onnxruntime": "service.runtime",
@@ -118,17 +112,6 @@ def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
                 if len(component) > 1:
                     found.append(sorted(component))
     return found
-
-
-def layer(module: str) -> tuple[int, str]:
-    """(depth, room) of a service module: the layer with the longest matching prefix."""
-    best = (-1, "", "")
-    for depth, (_, prefixes) in enumerate(LAYERS):
-        for prefix in prefixes:
-            if (module == prefix or module.startswith(prefix + ".")) and len(prefix) > len(best[2]):
-                best = (depth, prefix, prefix)
-    assert best[0] >= 0, f"{module} is in no layer of {__name__}.LAYERS: give it one"
-    return best[0], best[1]
 
 
 def test_no_import_circles() -> None:

@@ -13,7 +13,7 @@ import numpy as np
 from service.runtime.model import Timing
 from service.runtime.model_config import ModelConfig
 from service.runtime.work import Work
-from service.v2.tensors import Array, InferRequest, InferResult
+from service.v2.tensors import Array, InferRequest, InferResult, TensorSpec
 
 WAIT_SECONDS = 30.0  # a safety net only: every wait ends on an observable event long before
 
@@ -30,6 +30,7 @@ class StubModel:
     version: str = "1"
     max_batch_size: int = 64
     output_names: list[str] = field(default_factory=lambda: ["y"])
+    outputs_by_name: dict[str, TensorSpec] = field(default_factory=lambda: {"y": TensorSpec("y", "FP32", (-1, -1))})
     config: ModelConfig = field(default_factory=ModelConfig)
     runs: list[int] = field(default_factory=list)
     entered: threading.Event = field(default_factory=threading.Event)
