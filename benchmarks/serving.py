@@ -33,6 +33,7 @@ alike): its default (0) counts the machine's cores, ignores the affinity, and pi
     .venv/bin/python -m benchmarks.serving                  # full run (~8 min), benchmarks/results/serving.json
     .venv/bin/python -m benchmarks.serving --quick          # sanity run (~1 min)
     .venv/bin/python -m benchmarks.serving --skip-mlserver  # without the MLServer comparison
+    .venv/bin/python -m benchmarks.serving --before DIR     # also DIR's bnfold (another checkout), same rounds
 
 Needs ``wrk`` on PATH (Debian: ``apt-get install wrk``) and, unless ``--skip-mlserver``, an MLServer
 virtualenv (``--mlserver-python``, default ``$BNFOLD_MLSERVER_PYTHON``): ``python3 -m venv VENV &&
@@ -97,9 +98,20 @@ SESSION_OPTIONS = {"graph_optimization_level": "all", "intra_op_num_threads": 0,
 
 
 # ------------------------------------------------------------------------------------------------ servers
-def start_bnfold(tmp: Path, cpus: set[int] | None, intra_op_threads: int) -> ServerProcess:
-    env = clean_env(**({"BNFOLD_INTRA_OP_THREADS": str(intra_op_threads)} if intra_op_threads else {}))
-    return start_server(tmp, "bnfold", ["--model-repository", str(tmp / "bnfold")], cpus=cpus, env=env)
+BEFORE = "bnfold-before"
+
+
+def start_bnfold(
+    tmp: Path, cpus: set[int] | None, intra_op_threads: int, tree: Path = ROOT, name: str = "bnfold"
+) -> ServerProcess:
+    """``bnfold serve`` of the source ``tree`` (default: this one; ``--before``: another checkout)."""
+    extra = {"BNFOLD_INTRA_OP_THREADS": str(intra_op_threads)} if intra_op_threads else {}
+    env = clean_env(**extra, PYTHONPATH=str(tree))
+    return start_server(tmp, name, ["--model-repository", str(tmp / "bnfold")], cpus=cpus, env=env, cwd=tree)
+
+
+def serves_binary(server: str) -> bool:
+    return server.startswith("bnfold")
 
 
 def mlserver_config(
@@ -246,6 +258,8 @@ def plan(benches: Sequence[Bench], servers: Sequence[str], concurrency: Sequence
             group = [Cell("bnfold", b.name, "json", c), Cell("bnfold", b.name, "binary", c)]
             if "mlserver" in servers:
                 group.insert(1, Cell("mlserver", b.name, "json", c))
+            if BEFORE in servers:
+                group += [Cell(BEFORE, b.name, "json", c), Cell(BEFORE, b.name, "binary", c)]
             groups.append(group)
     return groups
 
@@ -282,6 +296,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         servers: dict[str, ServerProcess] = {}
         try:
             servers["bnfold"] = start_bnfold(tmp, server_cpus, threads)
+            if args.before is not None:
+                servers[BEFORE] = start_bnfold(tmp, server_cpus, threads, args.before.resolve(), BEFORE)
             mlserver_settings = None
             if mlserver_python:
                 port, mlserver_settings = mlserver_config(tmp, benches, args.mlserver_workers, session_options)
@@ -292,7 +308,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             checks = {}
             for b in benches:
                 for name, s in servers.items():
-                    for enc in ("json", "binary") if name == "bnfold" else ("json",):
+                    for enc in ("json", "binary") if serves_binary(name) else ("json",):
                         checks[f"{name}/{b.name}/{enc}"] = check(s, b, enc)
             groups = plan(benches, list(servers), args.concurrency)
             by_name = {b.name: b for b in benches}
@@ -371,6 +387,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "server_cpus": sorted(server_cpus) if server_cpus else None,
         "client_cpus": sorted(client_cpus) if client_cpus else None,
         "bnfold": "python -m service serve --model-repository DIR --port P; default settings (no BNFOLD_* env)",
+        "before": str(args.before.resolve()) if args.before is not None else None,
         "mlserver_settings": mlserver_settings,
         "session_options": session_options,
         "intra_op_threads": threads,
@@ -413,7 +430,7 @@ def summarize(
             rows.append({**row, **_lat(inproc[f"service_path_{enc}"])})
         cells: dict[str, Any] = {}
         for server in servers:
-            for enc in ("json", "binary") if server == "bnfold" else ("json",):
+            for enc in ("json", "binary") if serves_binary(server) else ("json",):
                 row: dict[str, Any] = {"model": b.name, "server": server, "encoding": enc}
                 for c in args.concurrency:
                     key = f"{server}/{b.name}/{enc}/c{c}"
@@ -485,7 +502,7 @@ def _lat(stats: dict[str, Any]) -> dict[str, Any]:
 
 def table(result: dict[str, Any]) -> str:
     conc = result["settings"]["concurrency"]
-    head = f"{'model':<9} {'server':<10} {'encoding':<16}"
+    head = f"{'model':<9} {'server':<13} {'encoding':<16}"
     if 1 in conc:
         head += f" {'c=1 p50 ms':>10} {'c=1 p99 ms':>10}"
     head += "".join(f" {f'c={c} req/s':>11}" for c in conc if c != 1)
@@ -493,7 +510,7 @@ def table(result: dict[str, Any]) -> str:
     head += f" {f'CPU us/req c={cpu_c}':>17}"
     lines = [head, "-" * len(head)]
     for row in result["rows"]:
-        line = f"{row['model']:<9} {row['server']:<10} {row['encoding']:<16}"
+        line = f"{row['model']:<9} {row['server']:<13} {row['encoding']:<16}"
         if 1 in conc:
             c1 = row.get("c1")
             line += f" {c1['p50_ms']:>10.3f} {c1['p99_ms']:>10.3f}" if c1 else f" {'-':>10} {'-':>10}"
@@ -537,8 +554,10 @@ def table(result: dict[str, Any]) -> str:
     lines.append(
         f"client: {v['wrk']} (1 thread, keep-alive); servers on CPU {s['server_cpus']}, wrk on CPU "
         f"{s['client_cpus']}; {s['rounds']} rounds × {s['duration_s']} s per cell; {m['cpu']}, "
-        f"{m['logical_cpus']} CPUs"
+        f"{m['logical_cpus']} CPUs; load average at start {m.get('loadavg_at_start')}"
     )
+    if s.get("before"):
+        lines.append(f"{BEFORE}: the same benchmark served from the source tree {s['before']}")
     threads = s["intra_op_threads"]
     lines.append(
         f"ORT intra-op threads: {threads or 'ORT default (0)'} for bnfold, MLServer and in-process alike"
@@ -584,6 +603,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--server-cpus", default="0", help="CPUs for the servers and the baseline (default 0)")
     p.add_argument("--client-cpus", default="1", help="CPUs for wrk and this script (default 1)")
     p.add_argument("--no-pin", action="store_true", help="no CPU pinning")
+    p.add_argument(
+        "--before",
+        type=Path,
+        help="also serve from this bnfold source tree (e.g. `git worktree add /tmp/before HEAD~1`) as "
+        f"'{BEFORE}', its cells interleaved with the current tree's in every round: a before/after in one run",
+    )
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON output (default {DEFAULT_OUT})")
     args = p.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the servers on the way out

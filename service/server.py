@@ -19,8 +19,6 @@ from collections.abc import AsyncIterator, Callable
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
-from fastapi import FastAPI
-
 from service.dataplane import DataPlane
 from service.metrics import Metrics
 from service.rest import app as rest_app
@@ -109,8 +107,8 @@ class Server:
         self.scheduler.close()
 
     @contextlib.asynccontextmanager
-    async def lifespan(self, app: FastAPI) -> AsyncIterator[None]:
-        """The FastAPI lifespan: start, serve, stop."""
+    async def lifespan(self, app: object) -> AsyncIterator[None]:
+        """The FastAPI lifespan of ``app``: start, serve, stop."""
         if not logging.getLogger().handlers:  # a --workers process: `bnfold serve` configured only the parent
             logging.basicConfig(format="bnfold: %(levelname)s: %(message)s")
             logging.getLogger("bnfold").setLevel(self.settings.log_level.upper())

@@ -337,6 +337,8 @@ def test_wheel_contains_the_model(tmp_path: Path) -> None:
         p.relative_to(ROOT).as_posix() for package in ("converter", "service") for p in (ROOT / package).rglob("*.py")
     }
     assert sources <= names, f"modules missing from the wheel (pyproject's packages): {sorted(sources - names)}"
+    # and the data files of the rooms: the web page, the gRPC messages
+    assert {"service/rest/static/index.html", "service/grpc/protos/grpc_predict_v2.proto"} <= names
     assert not [n for n in names if n.startswith(("tests/", "examples/", "benchmarks/"))]
 
 

@@ -51,17 +51,14 @@ class LoadedModel:
     inputs_by_name: dict[str, TensorSpec] = field(init=False)
     outputs_by_name: dict[str, TensorSpec] = field(init=False)
     output_names: list[str] = field(init=False)
+    provider: str = field(init=False)  # the provider that runs most of the graph: the first active one, short name
 
     def __post_init__(self) -> None:
         self.inputs_by_name = {t.name: t for t in self.inputs}
         self.outputs_by_name = {t.name: t for t in self.outputs}
         self.output_names = [t.name for t in self.outputs]
-
-    @property
-    def provider(self) -> str:
-        """The provider that runs most of the graph: the first active one, short name."""
         first = self.providers[0] if self.providers else "CPUExecutionProvider"
-        return next((k for k, v in PROVIDER_NAMES.items() if v == first), first)
+        self.provider = next((k for k, v in PROVIDER_NAMES.items() if v == first), first)
 
     def run(
         self, feeds: dict[str, Array], names: list[str], run_options: ort.RunOptions | None, timing: Timing

@@ -12,16 +12,17 @@ from service.v2.tensors import Array, InferRequest, OutputTensor
 def output_tensors(
     model: LoadedModel, request: InferRequest, names: list[str], arrays: list[Array]
 ) -> list[OutputTensor]:
-    """One :class:`OutputTensor` per computed output, classified where the request asked for it."""
+    """One :class:`OutputTensor` per computed output, with the model's datatype for it, classified (BYTES)
+    where the request asked for it."""
     outputs = []
     wanted = request.outputs
     for i, (name, array) in enumerate(zip(names, arrays, strict=True)):
         spec = wanted[i] if wanted is not None else None
         binary = spec.binary if spec is not None else request.binary_output
-        value = np.asarray(array)
+        value, datatype = np.asarray(array), model.outputs_by_name[name].datatype
         if spec is not None and spec.classification:
-            value = classify(model, name, value, spec.classification)
-        outputs.append(OutputTensor(name, value, binary))
+            value, datatype = classify(model, name, value, spec.classification), "BYTES"
+        outputs.append(OutputTensor(name, value, binary, datatype))
     return outputs
 
 
