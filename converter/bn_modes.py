@@ -66,9 +66,14 @@ def parse(g: Graph, idx: int) -> BatchNormNode:
         bn.not_constant = "spatial=0 (per-activation statistics) is not a per-channel map"
         return bn
     params = [g.constant(n) for n in node.input[1:]]
-    missing = [role for role, p in zip(("scale", "B", "mean", "var"), params, strict=True) if p is None]
+    roles = ("scale", "B", "mean", "var")
+    missing = [
+        f"{role}: {g.why_not_constant(n)}"
+        for role, n, p in zip(roles, node.input[1:], params, strict=True)
+        if p is None
+    ]
     if missing:
-        bn.not_constant = f"parameters are not constants ({', '.join(missing)})"
+        bn.not_constant = f"parameters are not constants ({'; '.join(missing)})"
         return bn
     dtypes = {np.dtype(p.dtype) for p in params if p is not None}
     if not dtypes <= set(FOLDABLE_DTYPES):

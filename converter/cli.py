@@ -89,6 +89,12 @@ def _common(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--no-random", action="store_true", help="with --inputs: skip the seeded random inputs")
     p.add_argument(
+        "--keep-overridable-initializers",
+        action="store_true",
+        help="initializers also listed as graph inputs stay inputs a caller may override, so they are not folded "
+        "(default: they are weights, folded and removed from the inputs)",
+    )
+    p.add_argument(
         "--trace",
         action="store_true",
         help="name the first node whose output differs between original and converted, even when verification "
@@ -160,6 +166,7 @@ def _options(args: argparse.Namespace, verify: bool) -> Options:
         inputs=tuple(args.inputs or ()),
         random=not args.no_random,
         trace=args.trace,
+        keep_overridable_initializers=args.keep_overridable_initializers,
     )
 
 

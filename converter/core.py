@@ -18,9 +18,8 @@ from typing import Any
 
 from onnx import ModelProto
 
-from converter import bn_modes, inputs, modelio
+from converter import inputs, modelio, prepare
 from converter.errors import InputError, VerificationError, first_line
-from converter.graph import nested_nodes
 from converter.options import Options
 from converter.report import Counts, Readiness, Report
 from converter.rewrite import Rewrite, rewrite
@@ -69,9 +68,14 @@ def run(src: Source, options: Options, phases: Phases, dst: Path | None = None) 
         with phases("inputs"):
             samples = inputs.load(options.inputs, src.model)
     before = Counts.of(src.model)
+    ir_version = src.model.ir_version
     with phases("rewrite"):
+        constant_inputs = prepare.constant_initializer_inputs(src.model, options.keep_overridable_initializers)
         result = rewrite(src.model, options)
     report = _report(options, before, result)
+    report.initializer_inputs = constant_inputs
+    if constant_inputs:
+        report.notes.append(prepare.initializer_note(constant_inputs, ir_version))
     report.source = src.name
     report.notes.extend(src.notes)
     reference = Reference.onnx(src.reference, src.label)
@@ -105,12 +109,6 @@ def _report(options: Options, before: Counts, result: Rewrite) -> Report:
             f"{result.training} BatchNormalization node(s) were in training mode (batch statistics); converted "
             "to inference mode (running statistics); verification compares against the original with that same "
             "change"
-        )
-    nested = sum(1 for n in nested_nodes(result.model.graph) if bn_modes.is_batchnorm(n))
-    if nested:
-        report.notes.append(
-            f"{nested} BatchNormalization node(s) inside If/Loop/Scan bodies left as they are: subgraphs are not "
-            "rewritten"
         )
     return report
 

@@ -114,14 +114,15 @@ def match(g: Graph, affine: Affine, info: ValueInfo) -> Forward | Skip | None:
         return Skip(f"{prefix}: the map does not feed its data input (input 0) alone")
     weight = g.constant(node.input[1]) if len(node.input) > 1 else None
     if weight is None:
-        return Skip(f"{prefix}: its weight is not a constant")
+        why = g.why_not_constant(node.input[1]) if len(node.input) > 1 else "it has none"
+        return Skip(f"{prefix}: its weight is not a constant ({why})")
     if np.dtype(weight.dtype) not in FOLDABLE_DTYPES:
         return Skip(f"{prefix}: its weight is {weight.dtype}, not a foldable float type")
     bias = None
     if node.op_type != "MatMul" and len(node.input) > 2 and node.input[2]:
         bias = g.constant(node.input[2])
         if bias is None:
-            return Skip(f"{prefix}: its bias is not a constant")
+            return Skip(f"{prefix}: its bias is not a constant ({g.why_not_constant(node.input[2])})")
     elif node.op_type == "MatMul":
         add = _bias_add(g, layer)
         bias = None if add is None else _add_constant(g, add, node.output[0])

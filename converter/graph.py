@@ -9,7 +9,7 @@ never changes a value that a subgraph still sees.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -45,7 +45,7 @@ def nested_nodes(graph: GraphProto) -> Iterator[NodeProto]:
             yield from nested_nodes(sub)
 
 
-def _outer_references(graph: GraphProto) -> set[str]:
+def outer_references(graph: GraphProto) -> set[str]:
     """Names a subgraph reads without defining them itself (recursively)."""
     defined = {i.name for i in graph.input} | {t.name for t in graph.initializer}
     used: set[str] = set()
@@ -53,7 +53,7 @@ def _outer_references(graph: GraphProto) -> set[str]:
         defined.update(node.output)
         used.update(n for n in node.input if n)
         for sub in subgraphs(node):
-            used |= _outer_references(sub)
+            used |= outer_references(sub)
     used.update(o.name for o in graph.output)
     return used - defined
 
@@ -66,13 +66,20 @@ def display_name(node: NodeProto) -> str:
 class Graph:
     """Index over ``model.graph``; see the module docstring."""
 
-    def __init__(self, model: ModelProto) -> None:
+    def __init__(self, model: ModelProto, graph: GraphProto | None = None, outer: Graph | None = None) -> None:
+        """``graph``: a subgraph of ``model`` (an If/Loop/Scan body) whose enclosing graph is indexed by ``outer``;
+        values it reads from there are constants when they are constants there."""
         self.model = model
-        self.graph = model.graph
+        self.graph = model.graph if graph is None else graph
+        self.outer = outer
         self.opset = next(
             (o.version for o in model.opset_import if o.domain in ("", "ai.onnx")),
             onnx.defs.onnx_opset_version(),
         )
+        #: Static dims of a value as the model declares them (``ValueInfo.shape``), for Shape/Size of activations.
+        self.static_shape: Callable[[str], list[int | None] | None] = lambda name: None
+        self._evaluated: dict[str, NDArray[Any] | None] = {}  # reference-evaluator results: kept across edits
+        self._why: dict[str, str] = {}
         self._build()
 
     def _build(self) -> None:
@@ -85,12 +92,15 @@ class Graph:
         self.inputs = {i.name for i in self.graph.input}
         self.outputs = {o.name for o in self.graph.output}
         # IR < 4 lists every initializer as an input; only from IR 4 on does that make it overridable.
-        self.overridable = self.inputs & set(self.initializers) if self.model.ir_version >= 4 else set()
+        main = self.graph is self.model.graph
+        self.overridable = self.inputs & set(self.initializers) if self.model.ir_version >= 4 and main else set()
         self.producers: dict[str, int] = {}
         self._constants: dict[str, NDArray[Any] | None] = {}
         self._visiting: set[str] = set()
         self.consumers: dict[str, list[int]] = defaultdict(list)
-        self.names: set[str] = set(self.inputs) | set(self.initializers) | self.outputs
+        # one set for the whole model: a name made in a subgraph must not shadow (or be shadowed by) another
+        self.names: set[str] = self.outer.names if self.outer is not None else set()
+        self.names |= set(self.inputs) | set(self.initializers) | self.outputs
         for idx, node in enumerate(self.nodes):
             self._index(idx, node)
 
@@ -105,7 +115,7 @@ class Graph:
             if name:
                 self.consumers[name].append(idx)
         for sub in subgraphs(node):
-            for name in _outer_references(sub):
+            for name in outer_references(sub):
                 self.consumers[name].append(SUBGRAPH)
             self.names |= _all_names(sub)
 
@@ -125,11 +135,14 @@ class Graph:
         return name not in self.outputs and set(self.users(name)) == {idx}
 
     def constant(self, name: str) -> NDArray[Any] | None:
-        """The value of ``name`` when it is a constant, else None.
+        """The value of ``name`` when it is a constant, else None (:meth:`why_not_constant` says why).
 
-        A constant is an initializer that is not also a graph input, a ``Constant`` node's value, or the output
-        of a :data:`converter.consteval.OPS` node (Identity, Transpose, Reshape, Cast, Concat, Slice, ...) whose
-        inputs are all constants, at any depth. Values are cached until the next edit.
+        A constant is an initializer that is not also an overridable graph input, a ``Constant`` node's value,
+        ``Shape``/``Size`` of a value whose shape is static, or the output of a standard-domain node whose inputs
+        are all constants (:mod:`converter.consteval`: the shape ops in numpy, any other deterministic op with
+        the ONNX reference evaluator, within :data:`converter.consteval.MAX_ELEMENTS`), at any depth. In a
+        subgraph, a value of the enclosing graph is a constant when it is one there. Values are cached until
+        the next edit (reference-evaluator results longer: their nodes are not edited).
         """
         if not name:
             return None
@@ -149,37 +162,95 @@ class Graph:
             self._constants[current] = self._evaluate(current)
         return self._constants[name]
 
+    def why_not_constant(self, name: str) -> str:
+        """Why ``name`` is not a constant: the first cause found on the way to it, as a clause."""
+        if self.constant(name) is not None:
+            return "it is a constant"
+        return self._why.get(name) or f"{name!r} is not a constant"
+
     def _constant_inputs(self, name: str) -> list[str]:
         """Names whose values ``name``'s value is computed from (none for leaves)."""
-        if name in self.initializers or name in self._visiting:
+        if name in self.initializers or name in self._visiting or name in self._evaluated:
             return []
         idx = self.producers.get(name)
         if idx is None:
             return []
         node = self.nodes[idx]
-        if node.op_type not in consteval.OPS or node.domain not in ("", "ai.onnx") or node.output[0] != name:
+        if node.op_type in ("Shape", "Size") and node.input and self._static_dims(node.input[0]) is not None:
+            return []
+        fast = node.op_type in consteval.OPS and node.output[0] == name
+        if not fast and not consteval.evaluable(node):
             return []
         self._visiting.add(name)  # a malformed cyclic graph ends here instead of looping
         return list(node.input)
 
+    def _static_dims(self, name: str) -> list[int] | None:
+        dims = self.static_shape(name)
+        if dims is None or any(d is None for d in dims):
+            return None
+        return [int(d) for d in dims if d is not None]
+
     def _evaluate(self, name: str) -> NDArray[Any] | None:
         self._visiting.discard(name)
         if name in self.initializers:
-            return None if name in self.overridable else numpy_helper.to_array(self.initializers[name])
+            if name in self.overridable:
+                self._why[name] = (
+                    f"{name!r} is an initializer also listed as a graph input, kept overridable "
+                    "(keep_overridable_initializers)"
+                )
+                return None
+            return numpy_helper.to_array(self.initializers[name])
+        if name in self._evaluated:
+            return self._evaluated[name]
         idx = self.producers.get(name)
         if idx is None:
-            return None
+            return self._leaf(name)
         node = self.nodes[idx]
         if node.domain not in ("", "ai.onnx"):
-            return None
+            return self._not(name, consteval.why_not_evaluable(node))
         if node.op_type == "Constant":
-            return _constant_node_value(node)
-        if node.op_type not in consteval.OPS or node.output[0] != name:
-            return None
+            value = _constant_node_value(node)
+            return value if value is not None else self._not(name, "a sparse or string Constant")
+        if node.op_type in ("Shape", "Size") and node.input:
+            dims = self._static_dims(node.input[0])
+            if dims is not None:
+                return _shape_value(node, dims)
+        fast = node.op_type in consteval.OPS and node.output[0] == name
+        if not fast and not consteval.evaluable(node):
+            return self._not(name, consteval.why_not_evaluable(node))
         inputs = [self._constants.get(i) if i else None for i in node.input]
-        if any(value is None for i, value in zip(node.input, inputs, strict=True) if i):
-            return None
-        return consteval.evaluate(node, inputs, self.opset)
+        for i, value in zip(node.input, inputs, strict=True):
+            if i and value is None:
+                self._why[name] = self._why.get(i) or f"{i!r} is not a constant"
+                if node.op_type in ("Shape", "Size") and i not in self._why:
+                    self._why[name] = f"{name!r} is the shape of {i!r}, which is not static"
+                return None
+        if fast:
+            value = consteval.evaluate(node, inputs, self.opset)
+            if value is not None:
+                return value
+        results = consteval.evaluate_node(node, inputs, self.opset)
+        if isinstance(results, consteval.NotConstant):
+            for out in node.output:
+                self._evaluated[out] = None
+            return self._not(name, results)
+        for out, value in zip([o for o in node.output if o], results, strict=False):
+            self._evaluated[out] = value
+        return self._evaluated.get(name)
+
+    def _leaf(self, name: str) -> NDArray[Any] | None:
+        """A value no node of this graph produces: an input, or (in a subgraph) a value of the enclosing graph."""
+        if name in self.inputs:
+            return self._not(name, "a graph input")
+        if self.outer is not None:
+            value = self.outer.constant(name)
+            if value is None:
+                self._why[name] = self.outer.why_not_constant(name)
+            return value
+        return self._not(name, "produced by no node")
+
+    def _not(self, name: str, why: str) -> None:
+        self._why[name] = f"{name!r} is {why}"
 
     def live_nodes(self) -> Iterator[tuple[int, NodeProto]]:
         """(id, node) of every node still in the graph, in topological order."""
@@ -197,17 +268,24 @@ class Graph:
         self.names.add(name)
         return name
 
+    def _edited(self, outputs: Iterable[str] = ()) -> None:
+        """Forget cached values; reference-evaluator results too when a node that made one changes."""
+        self._constants.clear()
+        self._why.clear()
+        if any(o in self._evaluated for o in outputs):
+            self._evaluated.clear()
+
     def add_initializer(self, base: str, value: NDArray[Any]) -> str:
         """A new initializer under a name unused anywhere in the model."""
-        self._constants.clear()
+        self._edited()
         name = self.unique_name(base)
         self.graph.initializer.append(numpy_helper.from_array(value, name))
         self.initializers[name] = self.graph.initializer[-1]
         return name
 
     def set_input(self, idx: int, position: int, name: str) -> None:
-        self._constants.clear()
         node = self.nodes[idx]
+        self._edited(node.output)
         old = node.input[position] if position < len(node.input) else ""
         if old:
             self.consumers[old].remove(idx)
@@ -226,7 +304,7 @@ class Graph:
         node = self.nodes[idx]
         current = node.input[position] if position < len(node.input) else ""
         if current in self.initializers and current not in self.overridable and self.sole_user(current, idx):
-            self._constants.clear()
+            self._edited()
             self.initializers[current].CopyFrom(numpy_helper.from_array(value, current))
             return current
         name = self.add_initializer(base, value)
@@ -235,8 +313,8 @@ class Graph:
 
     def replace_node(self, idx: int, new_nodes: Iterable[NodeProto]) -> list[int]:
         """Put ``new_nodes`` where node ``idx`` stands (none removes it); return their ids."""
-        self._constants.clear()
         old = self.nodes[idx]
+        self._edited(old.output)
         for name in old.input:
             if name and idx in self.consumers.get(name, []):
                 self.consumers[name].remove(idx)
@@ -258,8 +336,8 @@ class Graph:
 
     def rename_output(self, idx: int, position: int, name: str) -> None:
         """Node ``idx`` now writes ``name`` (taking over a value whose producer was removed)."""
-        self._constants.clear()
         node = self.nodes[idx]
+        self._edited([*node.output, name])
         old = node.output[position]
         if self.producers.get(old) == idx:
             del self.producers[old]
@@ -268,13 +346,14 @@ class Graph:
 
     def prune(self) -> int:
         """Drop unused initializers, and unused Constant and constant-expression nodes (Identity, Transpose,
-        Reshape ... of :data:`converter.consteval.OPS`: side-effect free); return how many were removed."""
+        Reshape ... of :data:`converter.consteval.OPS`, and any evaluable node whose inputs are all constants:
+        side-effect free); return how many were removed."""
         removed = 0
         changed = True
         while changed:
             changed = False
             for idx, node in list(self.live_nodes()):
-                if node.op_type not in PRUNABLE or node.domain not in ("", "ai.onnx"):
+                if not self._prunable(node):
                     continue
                 if any(self.users(o) or o in self.outputs for o in node.output):
                     continue
@@ -294,6 +373,17 @@ class Graph:
             removed += len(dead)
         return removed
 
+    def _prunable(self, node: NodeProto) -> bool:
+        if node.domain not in ("", "ai.onnx"):
+            return False
+        if node.op_type in PRUNABLE:
+            return True
+        if any(self.users(o) or o in self.outputs for o in node.output):
+            return False
+        if node.op_type in ("Shape", "Size") and node.input and self._static_dims(node.input[0]) is not None:
+            return True
+        return consteval.evaluable(node) and all(self.constant(i) is not None for i in node.input if i)
+
     def commit(self) -> None:
         """Write the node list back to the GraphProto and re-index it."""
         if not self.removed:
@@ -301,6 +391,11 @@ class Graph:
         nodes = [node for _, node in self.live_nodes()]
         self.graph.ClearField("node")
         self.graph.node.extend(nodes)
+        self._build()
+
+    def reindex(self) -> None:
+        """Index the graph again after its subgraphs changed (what they read from it, the names they made)."""
+        self.commit()
         self._build()
 
 
@@ -328,3 +423,14 @@ def _constant_node_value(node: NodeProto) -> NDArray[Any] | None:
         if attr.name == "value_ints":
             return np.array(list(attr.ints), dtype=np.int64)
     return None  # sparse_value and string constants are not folded
+
+
+def _shape_value(node: NodeProto, dims: list[int]) -> NDArray[Any]:
+    """``Shape`` (with its opset-15 ``start``/``end``) or ``Size`` of a tensor with static ``dims``."""
+    if node.op_type == "Size":
+        return np.array(int(np.prod(dims, dtype=np.int64)), dtype=np.int64)
+    rank = len(dims)
+    start = consteval.int_attribute(node, "start", 0)
+    end = consteval.int_attribute(node, "end", rank)
+    start, end = (min(max(a + rank if a < 0 else a, 0), rank) for a in (start, end))
+    return np.array(dims[start:end], dtype=np.int64)

@@ -35,6 +35,7 @@ class Options:
     inputs: tuple[str, ...] = field(default=())
     random: bool = True
     trace: bool = False
+    keep_overridable_initializers: bool = False  # initializers also listed as graph inputs stay non-constant
 
     def __post_init__(self) -> None:
         if self.bn not in BN_MODES:

@@ -65,12 +65,15 @@ def convert(
     inputs: Sequence[str | os.PathLike[str]] = (),
     random: bool = True,
     trace: bool = False,
+    keep_overridable_initializers: bool = False,
 ) -> ConversionResult:
     """Convert a model (a ModelProto, left untouched, or a path) in memory.
 
     ``inputs``: sample files (``.npz``, a directory of ``.npy``/``.npz``, V2 request ``.json``) that
     verification also runs on, one sample at a time; ``random=False`` skips the seeded random inputs.
     ``trace``: look for the first diverging node even when verification passes.
+    ``keep_overridable_initializers``: initializers also listed as graph inputs stay inputs (not constants);
+    by default they are read as weights and removed from the inputs.
 
     Raises :class:`ConversionError` for input that cannot be converted and :class:`VerificationError` when
     the result does not reproduce the original within tolerance.
@@ -78,16 +81,24 @@ def convert(
     options = Options(
         bn, verify, atol, rtol, input_shapes, fp16, fp16_io, seed, tuple(os.fspath(p) for p in inputs), random, trace
     )
+    options = replace(options, keep_overridable_initializers=keep_overridable_initializers)
     phases = Phases()
     with phases("load"):
         if isinstance(model, ModelProto):
-            modelio.check(model)
-            original, name = model, None
+            src = _memory_source(model)
         else:
             loaded = modelio.load(model)
-            original, name = loaded.model, str(loaded.path)
-    src = Source(_copy(original), name, original, "the original model", lambda: original)
+            original = loaded.model
+            src = Source(_copy(original), str(loaded.path), original, "the original model", lambda: original)
+            src.notes.extend(loaded.notes)
     return run(src, options, phases)
+
+
+def _memory_source(model: ModelProto) -> Source:
+    """A ModelProto to convert: a checked copy (sorted when its nodes are out of order); the model is untouched."""
+    copy = _copy(model)
+    notes = modelio.check_sorted(copy)
+    return Source(copy, None, model, "the original model", lambda: model, notes=notes)
 
 
 def convert_file(
@@ -121,8 +132,7 @@ def inspect_model(src: str | os.PathLike[str] | ModelProto, options: Options | N
     options = replace(options, verify=bool(options.inputs) or options.trace)
     phases = Phases()
     if isinstance(src, ModelProto):
-        modelio.check(src)
-        source = Source(_copy(src), None, src, "the original model", lambda: src)
+        source = _memory_source(src)
     else:
         source, options = _file_source(Path(src), options, phases)
     report = run(source, options, phases).report
@@ -152,6 +162,7 @@ def _file_source(path: Path, options: Options, phases: Phases) -> tuple[Source, 
             path,
             "the original model",
             lambda: modelio.load(path).model,
+            notes=loaded.notes,
             external_data=loaded.external_data,
         )
         return src, options

@@ -12,6 +12,7 @@ import numpy as np
 from onnx import ModelProto
 
 from converter.affine import FoldKind
+from converter.graph import nested_nodes
 from converter.readiness import WeightStats
 from converter.trace import Trace
 from converter.verify import Verification
@@ -57,7 +58,8 @@ class Counts:
                 for attr in node.attribute:
                     if attr.name == "value":
                         params += int(np.prod(attr.t.dims, dtype=np.int64))
-        bns = sum(1 for n in model.graph.node if n.op_type == "BatchNormalization")
+        nodes = [*model.graph.node, *nested_nodes(model.graph)]  # If/Loop/Scan bodies too
+        bns = sum(1 for n in nodes if n.op_type == "BatchNormalization")
         return cls(nodes=len(model.graph.node), parameters=params, batchnorms=bns)
 
 
@@ -142,6 +144,7 @@ class Report:
     readiness: Readiness | None = None
     seconds: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    initializer_inputs: list[str] = field(default_factory=list)  # listed as graph inputs too; read as constants
 
     @property
     def folded(self) -> list[LayerRecord]:

@@ -57,10 +57,10 @@ class ValueInfo:
             inferred = onnx.shape_inference.infer_shapes(sk, strict_mode=False, data_prop=True)
         except Exception:  # inference is advisory: values it cannot type simply stay unknown
             inferred = sk
-        g = inferred.graph
-        for vi in [*g.input, *g.value_info, *g.output]:
-            if vi.type.HasField("tensor_type"):
-                self._types[vi.name] = vi.type
+        for g in _graphs(inferred.graph):  # subgraph (If/Loop/Scan body) values too: names are model-wide
+            for vi in [*g.input, *g.value_info, *g.output]:
+                if vi.type.HasField("tensor_type") and vi.name not in self._types:
+                    self._types[vi.name] = vi.type
         for t in model.graph.initializer:
             tp = onnx.helper.make_tensor_type_proto(t.data_type, list(t.dims))
             self._types.setdefault(t.name, tp)
@@ -95,3 +95,13 @@ class ValueInfo:
         if channels is None or any(d is None for d in after):
             return None
         return channels, int(np.prod([d for d in after if d is not None], dtype=np.int64))
+
+
+def _graphs(graph: onnx.GraphProto) -> list[onnx.GraphProto]:
+    """``graph`` and every subgraph in it, outermost first."""
+    out = [graph]
+    for node in graph.node:
+        for attr in node.attribute:
+            for sub in [attr.g] if attr.HasField("g") else list(attr.graphs):
+                out.extend(_graphs(sub))
+    return out
