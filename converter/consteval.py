@@ -50,7 +50,7 @@ NOT_EVALUATED = frozenset(
     }
 )
 
-_CASTABLE = {
+CASTABLE = {
     TensorProto.FLOAT,
     TensorProto.DOUBLE,
     TensorProto.FLOAT16,
@@ -64,6 +64,11 @@ _CASTABLE = {
     TensorProto.UINT64,
     TensorProto.BOOL,
 }
+
+
+def cast_to(value: Array, dtype: Any) -> Array | None:
+    """``value`` cast to a numpy dtype of :data:`CASTABLE` (None for a value numpy cannot cast: strings)."""
+    return value.astype(dtype) if value.dtype.kind in "fiub" else None
 
 
 def evaluate(node: NodeProto, inputs: Sequence[Array | None], opset: int) -> Array | None:
@@ -175,7 +180,7 @@ def _flatten(node: NodeProto, x: list[Array | None], opset: int) -> Array | None
 def _cast(node: NodeProto, x: list[Array | None], opset: int) -> Array | None:
     data = x[0]
     to = attribute(node, "to")
-    if data is None or not isinstance(to, int) or to not in _CASTABLE or data.dtype.kind not in "fiub":
+    if data is None or not isinstance(to, int) or to not in CASTABLE or data.dtype.kind not in "fiub":
         return None
     return data.astype(helper.tensor_dtype_to_np_dtype(to))
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from onnx import ModelProto
+from onnx import ModelProto, TensorProto
 
 from converter import inputs, modelio, prepare
 from converter.errors import InputError, VerificationError, first_line
@@ -59,6 +59,7 @@ class Source:
     framework: Framework | None = None
     notes: list[str] = field(default_factory=list)
     external_data: bool = False
+    float16: bool = False  # the model computes in float16 (its float outputs are float16): float16 tolerances
 
 
 def run(src: Source, options: Options, phases: Phases, dst: Path | None = None) -> ConversionResult:
@@ -68,6 +69,7 @@ def run(src: Source, options: Options, phases: Phases, dst: Path | None = None) 
         with phases("inputs"):
             samples = inputs.load(options.inputs, src.model)
     before = Counts.of(src.model)
+    src.float16 = _float16_outputs(src.model)
     ir_version = src.model.ir_version
     with phases("rewrite"):
         constant_inputs = prepare.constant_initializer_inputs(src.model, options.keep_overridable_initializers)
@@ -113,6 +115,12 @@ def _report(options: Options, before: Counts, result: Rewrite) -> Report:
     return report
 
 
+def _float16_outputs(model: ModelProto) -> bool:
+    types = [o.type.tensor_type.elem_type for o in model.graph.output if o.type.HasField("tensor_type")]
+    floats = [t for t in types if t in (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE)]
+    return bool(floats) and all(t == TensorProto.FLOAT16 for t in floats)
+
+
 def _inference_mode(original: ModelProto) -> ModelProto:
     """The original with training-mode BatchNorms switched to inference mode, and nothing else changed."""
     copy = ModelProto()
@@ -130,7 +138,7 @@ def _verify(
     samples: InputSet | None,
 ) -> None:
     """Every check, ONNX Runtime first; the first failing reference raises VerificationError (exit 3)."""
-    atol, rtol = options.tolerances()
+    atol, rtol = options.tolerances(float16_model=src.float16)
     with phases("verify"):
         checked = _checked(report, reference, converted, atol, rtol, options, samples, "the models")
     feeds = checked.failing_feeds() or (

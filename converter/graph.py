@@ -25,6 +25,9 @@ SUBGRAPH = -1
 #: A node attribute's value, or ``default`` (defined with the evaluator, which needs it first).
 attribute = consteval.attribute
 
+#: ONNX element types a ``CastLike`` constant is evaluated to, with their numpy types.
+_CASTS = {t: onnx.helper.tensor_dtype_to_np_dtype(t) for t in consteval.CASTABLE}
+
 #: Side-effect-free ops that :meth:`Graph.prune` removes once nothing reads them.
 PRUNABLE = consteval.OPS | {"Constant"}
 
@@ -76,8 +79,10 @@ class Graph:
             (o.version for o in model.opset_import if o.domain in ("", "ai.onnx")),
             onnx.defs.onnx_opset_version(),
         )
-        #: Static dims of a value as the model declares them (``ValueInfo.shape``), for Shape/Size of activations.
+        #: Static dims and element type of a value as the model declares them (``ValueInfo.shape``/``elem_type``):
+        #: ``Shape``/``Size`` of an activation with static dims, and ``CastLike`` to its type, are constants.
         self.static_shape: Callable[[str], list[int | None] | None] = lambda name: None
+        self.elem_type: Callable[[str], int | None] = lambda name: None
         self._evaluated: dict[str, NDArray[Any] | None] = {}  # reference-evaluator results: kept across edits
         self._why: dict[str, str] = {}
         self._build()
@@ -178,6 +183,9 @@ class Graph:
         node = self.nodes[idx]
         if node.op_type in ("Shape", "Size") and node.input and self._static_dims(node.input[0]) is not None:
             return []
+        if node.op_type == "CastLike" and len(node.input) == 2 and self.elem_type(node.input[1]) in _CASTS:
+            self._visiting.add(name)
+            return [node.input[0]]
         fast = node.op_type in consteval.OPS and node.output[0] == name
         if not fast and not consteval.evaluable(node):
             return []
@@ -215,6 +223,12 @@ class Graph:
             dims = self._static_dims(node.input[0])
             if dims is not None:
                 return _shape_value(node, dims)
+        if node.op_type == "CastLike" and len(node.input) == 2 and self.elem_type(node.input[1]) in _CASTS:
+            value = self._constants.get(node.input[0])
+            if value is None:
+                self._why[name] = self._why.get(node.input[0]) or f"{node.input[0]!r} is not a constant"
+                return None
+            return consteval.cast_to(value, _CASTS[self.elem_type(node.input[1])])
         fast = node.op_type in consteval.OPS and node.output[0] == name
         if not fast and not consteval.evaluable(node):
             return self._not(name, consteval.why_not_evaluable(node))
@@ -372,6 +386,28 @@ class Graph:
             self.initializers = {t.name: t for t in self.graph.initializer}
             removed += len(dead)
         return removed
+
+    def settle_metadata_reads(self) -> int:
+        """Replace each ``Shape``, ``Size`` and ``CastLike`` node whose output is a constant by a ``Constant`` node:
+        they read an activation for its shape or type only, yet would count as one more reader of it (and keep
+        its producer from folding). Returns how many were replaced."""
+        replaced = 0
+        for idx, node in list(self.live_nodes()):
+            if node.op_type not in ("Shape", "Size", "CastLike") or node.domain not in ("", "ai.onnx"):
+                continue
+            value = self.constant(node.output[0])
+            if value is None:
+                continue
+            const = onnx.helper.make_node(
+                "Constant",
+                [],
+                [node.output[0]],
+                name=self.unique_name(f"{node.name or node.op_type}_value"),
+                value=numpy_helper.from_array(np.asarray(value)),
+            )
+            self.replace_node(idx, [const])
+            replaced += 1
+        return replaced
 
     def _prunable(self, node: NodeProto) -> bool:
         if node.domain not in ("", "ai.onnx"):

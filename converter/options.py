@@ -53,9 +53,9 @@ class Options:
         if self.verify and not self.random and not self.inputs:
             raise InputError("verification without random inputs needs sample inputs to run on")
 
-    def tolerances(self) -> tuple[float, float]:
-        """(atol, rtol) of the ONNX Runtime comparison."""
-        atol, rtol = TOLERANCES["float16" if self.fp16 else "float32"]
+    def tolerances(self, float16_model: bool = False) -> tuple[float, float]:
+        """(atol, rtol) of the ONNX Runtime comparison (the float16 ones for a float16 result or model)."""
+        atol, rtol = TOLERANCES["float16" if self.fp16 or float16_model else "float32"]
         return (atol if self.atol is None else self.atol, rtol if self.rtol is None else self.rtol)
 
     def framework_tolerances(self, default: tuple[float, float]) -> tuple[float, float]:

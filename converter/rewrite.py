@@ -39,7 +39,8 @@ def rewrite(model: ModelProto, options: Options) -> Rewrite:
     shapes = options.input_shapes if isinstance(options.input_shapes, Mapping) else None
     info = ValueInfo(model, shapes)
     declared = info if shapes is None else ValueInfo(model)  # Shape/Size fold only on the model's own static dims
-    g.static_shape = declared.shape
+    g.static_shape, g.elem_type = declared.shape, declared.elem_type
+    g.settle_metadata_reads()
     cast = readiness.Recorder(precision.fp16_cast if options.fp16 else cast_exact)
     layers = _rewrite_bodies(g, info, cast, options)
     if layers:
@@ -95,7 +96,8 @@ def _rewrite_bodies(g: Graph, info: ValueInfo, cast: readiness.Recorder, options
         for attr in node.attribute:
             for sub in [attr.g] if attr.HasField("g") else list(attr.graphs):
                 body = Graph(g.model, sub, outer=g)
-                body.static_shape = g.static_shape
+                body.static_shape, body.elem_type = g.static_shape, g.elem_type
+                body.settle_metadata_reads()
                 prefix = f"{display_name(node)}/{attr.name}/"
                 inner = _rewrite_bodies(body, info, cast, options)
                 if inner:
