@@ -286,7 +286,7 @@ def predicted_elements(node: NodeProto, inputs: Sequence[Array | None]) -> int |
         if node.op_type == "Tile" and len(inputs) > 1 and inputs[0] is not None and inputs[1] is not None:
             return int(inputs[0].size * np.prod(np.asarray(inputs[1], dtype=np.int64), dtype=object))
         if node.op_type == "Range" and len(inputs) > 2 and all(v is not None for v in inputs[:3]):
-            start, limit, delta = (float(np.asarray(v).reshape(-1)[0]) for v in inputs[:3])  # type: ignore[union-attr]
+            start, limit, delta = (float(np.asarray(v).reshape(-1)[0]) for v in inputs[:3])
             return max(int(np.ceil((limit - start) / delta)), 0) if delta else None
     except (ValueError, TypeError, OverflowError):
         return None

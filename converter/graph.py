@@ -26,7 +26,7 @@ SUBGRAPH = -1
 attribute = consteval.attribute
 
 #: ONNX element types a ``CastLike`` constant is evaluated to, with their numpy types.
-_CASTS = {t: onnx.helper.tensor_dtype_to_np_dtype(t) for t in consteval.CASTABLE}
+_CASTS: dict[int, np.dtype[Any]] = {int(t): onnx.helper.tensor_dtype_to_np_dtype(t) for t in consteval.CASTABLE}
 
 #: Side-effect-free ops that :meth:`Graph.prune` removes once nothing reads them.
 PRUNABLE = consteval.OPS | {"Constant"}
@@ -228,16 +228,17 @@ class Graph:
             if value is None:
                 self._why[name] = self._why.get(node.input[0]) or f"{node.input[0]!r} is not a constant"
                 return None
-            return consteval.cast_to(value, _CASTS[self.elem_type(node.input[1])])
+            target = self.elem_type(node.input[1])
+            return consteval.cast_to(value, _CASTS[target]) if target is not None else None
         fast = node.op_type in consteval.OPS and node.output[0] == name
         if not fast and not consteval.evaluable(node):
             return self._not(name, consteval.why_not_evaluable(node))
         inputs = [self._constants.get(i) if i else None for i in node.input]
         for i, value in zip(node.input, inputs, strict=True):
             if i and value is None:
+                if node.op_type in ("Shape", "Size"):
+                    return self._not(name, f"the {node.op_type.lower()} of {i!r}, which is not static")
                 self._why[name] = self._why.get(i) or f"{i!r} is not a constant"
-                if node.op_type in ("Shape", "Size") and i not in self._why:
-                    self._why[name] = f"{name!r} is the shape of {i!r}, which is not static"
                 return None
         if fast:
             value = consteval.evaluate(node, inputs, self.opset)
@@ -263,8 +264,10 @@ class Graph:
             return value
         return self._not(name, "produced by no node")
 
-    def _not(self, name: str, why: str) -> None:
+    def _not(self, name: str, why: str) -> NDArray[Any] | None:
+        """Record why ``name`` is not a constant; None."""
         self._why[name] = f"{name!r} is {why}"
+        return None
 
     def live_nodes(self) -> Iterator[tuple[int, NodeProto]]:
         """(id, node) of every node still in the graph, in topological order."""

@@ -71,22 +71,24 @@ def load(path: str | os.PathLike[str]) -> Loaded:
         except (OSError, ValueError, onnx.checker.ValidationError) as exc:
             raise InputError(f"{p}: external data cannot be loaded ({_first_line(exc)})") from None
     notes: list[str] = []
-    if problem is not None and not prepare.is_sorted(model.graph):
+    if problem is not None:
         notes = sort(model, str(p))
-        problem = None
+        problem = None if notes else problem
     if problem is not None:
         raise InputError(f"{p}: invalid ONNX model ({_first_line(problem)})")
     return Loaded(model, p, external, notes)
 
 
 def sort(model: ModelProto, what: str) -> list[str]:
-    """Sort an unsorted model's nodes in place (as ONNX Runtime does), then check it; return the report's notes."""
-    if prepare.is_sorted(model.graph):
-        return []
+    """Sort an unsorted model's nodes in place (as ONNX Runtime does), then check it; return the report's notes.
+    A node reading a value that nothing produces, or a cycle, is an InputError naming the node."""
+    was_sorted = prepare.is_sorted(model.graph)
     try:
         prepare.sort_nodes(model.graph)
     except InputError as exc:
         raise InputError(f"{what}: {exc}") from None
+    if was_sorted:
+        return []
     check(model, what)
     return [SORTED_NOTE]
 
