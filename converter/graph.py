@@ -84,6 +84,7 @@ class Graph:
         self.static_shape: Callable[[str], list[int | None] | None] = lambda name: None
         self.elem_type: Callable[[str], int | None] = lambda name: None
         self._evaluated: dict[str, NDArray[Any] | None] = {}  # reference-evaluator results: kept across edits
+        self._arrays: dict[str, NDArray[Any]] = {}  # initializers as arrays, until one is overwritten
         self._why: dict[str, str] = {}
         self._build()
 
@@ -147,7 +148,8 @@ class Graph:
         are all constants (:mod:`converter.consteval`: the shape ops in numpy, any other deterministic op with
         the ONNX reference evaluator, within :data:`converter.consteval.MAX_ELEMENTS`), at any depth. In a
         subgraph, a value of the enclosing graph is a constant when it is one there. Values are cached until
-        the next edit (reference-evaluator results longer: their nodes are not edited).
+        the next edit; that a value is *not* a constant is kept until its node changes (a fold never turns an
+        activation into a constant), so repeated questions about activations stay cheap on large graphs.
         """
         if not name:
             return None
@@ -159,9 +161,10 @@ class Graph:
             if current in self._constants:
                 pending.pop()
                 continue
-            missing = [i for i in self._constant_inputs(current) if i and i not in self._constants]
-            if missing:
-                pending.extend(missing)
+            needed = self._constant_inputs(current)
+            missing = [i for i in needed if i and i not in self._constants]
+            if missing and not any(i and i in self._constants and self._constants[i] is None for i in needed):
+                pending.extend(missing)  # (an input already known not to be a constant settles it at once)
                 continue
             pending.pop()
             self._constants[current] = self._evaluate(current)
@@ -207,7 +210,9 @@ class Graph:
                     "(keep_overridable_initializers)"
                 )
                 return None
-            return numpy_helper.to_array(self.initializers[name])
+            if name not in self._arrays:
+                self._arrays[name] = numpy_helper.to_array(self.initializers[name])
+            return self._arrays[name]
         if name in self._evaluated:
             return self._evaluated[name]
         idx = self.producers.get(name)
@@ -234,12 +239,13 @@ class Graph:
         if not fast and not consteval.evaluable(node):
             return self._not(name, consteval.why_not_evaluable(node))
         inputs = [self._constants.get(i) if i else None for i in node.input]
-        for i, value in zip(node.input, inputs, strict=True):
-            if i and value is None:
-                if node.op_type in ("Shape", "Size"):
-                    return self._not(name, f"the {node.op_type.lower()} of {i!r}, which is not static")
-                self._why[name] = self._why.get(i) or f"{i!r} is not a constant"
-                return None
+        failing = [i for i, value in zip(node.input, inputs, strict=True) if i and value is None]
+        if failing:
+            i = next((f for f in failing if f in self._constants), failing[0])  # one known not to be constant
+            if node.op_type in ("Shape", "Size"):
+                return self._not(name, f"the {node.op_type.lower()} of {i!r}, which is not static")
+            self._why[name] = self._why.get(i) or f"{i!r} is not a constant"
+            return None
         if fast:
             value = consteval.evaluate(node, inputs, self.opset)
             if value is not None:
@@ -285,11 +291,16 @@ class Graph:
         self.names.add(name)
         return name
 
-    def _edited(self, outputs: Iterable[str] = ()) -> None:
-        """Forget cached values; reference-evaluator results too when a node that made one changes."""
-        self._constants.clear()
-        self._why.clear()
-        if any(o in self._evaluated for o in outputs):
+    def _edited(self, outputs: Iterable[str] = (), initializer: str | None = None) -> None:
+        """Forget cached constant values (a weight was written); what is known not to be a constant stays, but
+        for the outputs of a node that changed. Reference-evaluator results go when a node that made one changes."""
+        outputs = set(outputs)
+        self._constants = {k: v for k, v in self._constants.items() if v is None and k not in outputs}
+        for name in outputs:
+            self._why.pop(name, None)
+        if initializer is not None:
+            self._arrays.pop(initializer, None)
+        if outputs & set(self._evaluated):
             self._evaluated.clear()
 
     def add_initializer(self, base: str, value: NDArray[Any]) -> str:
@@ -321,7 +332,7 @@ class Graph:
         node = self.nodes[idx]
         current = node.input[position] if position < len(node.input) else ""
         if current in self.initializers and current not in self.overridable and self.sole_user(current, idx):
-            self._edited()
+            self._edited(initializer=current)
             self.initializers[current].CopyFrom(numpy_helper.from_array(value, current))
             return current
         name = self.add_initializer(base, value)
