@@ -136,7 +136,7 @@ def initializer_note(names: list[str], ir_version: int) -> str:
     if ir_version < OVERRIDABLE_FROM_IR:
         return (
             f"IR {ir_version} model: its {len(names)} initializer(s) were also listed as graph inputs (as IR 3 "
-            f"requires); written as IR {OVERRIDABLE_FROM_IR} with only the real inputs ({shown})"
+            f"requires); written as IR {OVERRIDABLE_FROM_IR}, without them among the inputs ({shown})"
         )
     return (
         f"{len(names)} initializer(s) also listed as graph inputs were treated as constants and removed from the "

@@ -327,6 +327,8 @@ def match_backward(
     """The fold of ``affine`` into the node(s) producing its input, or why there is none."""
     producer = g.producer(affine.input)
     if producer is None:
+        if g.outer is not None and affine.input not in g.inputs:  # an If/Loop body reading the enclosing graph
+            return Skip("its input comes from the graph enclosing its If/Loop/Scan body; folds stay inside a body")
         return Skip("its input is a graph input, not produced by a node")
     node = g.node(producer)
     if node.domain not in ("", "ai.onnx"):

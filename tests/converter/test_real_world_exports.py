@@ -215,3 +215,22 @@ def test_a_value_nothing_produces_is_refused_naming_the_node() -> None:
     m.graph.node.reverse()  # unsorted, so the checker's complaint is sorting and bnfold sorts
     with pytest.raises(ConversionError, match="node 'reader' reads 'ghost', which no node, graph input or"):
         convert(m)
+
+
+def test_a_body_batchnorm_reading_the_enclosing_graph_stays_and_says_why() -> None:
+    then = helper.make_graph(
+        [bn_node("c", "y_then")], "then", [], [helper.make_tensor_value_info("y_then", TensorProto.FLOAT, None)]
+    )
+    other = helper.make_graph(
+        [helper.make_node("Identity", ["c"], ["y_else"])],
+        "else",
+        [],
+        [helper.make_tensor_value_info("y_else", TensorProto.FLOAT, None)],
+    )
+    nodes = [conv(), helper.make_node("If", ["cond"], ["y"], name="branch", then_branch=then, else_branch=other)]
+    m = model(nodes, [("cond", []), ("x", [1, 2, 5, 5])], ["y"], [tensor("W", W), *bn_initializers(P)])
+    m.graph.input[0].type.tensor_type.elem_type = TensorProto.BOOL
+    result = convert(m)
+    (record,) = result.report.layers
+    assert record.name == "branch/then_branch/bn" and record.action == "kept"
+    assert "its input comes from the graph enclosing its If/Loop/Scan body" in str(record.reason)
