@@ -47,6 +47,7 @@ NOT_EVALUATED = frozenset(
         "Loop",
         "Scan",
         "Constant",  # read by the graph index itself
+        "BatchNormalization",  # onnx.reference's opset 9-13 version normalises with the batch's own statistics
     }
 )
 
@@ -269,7 +270,9 @@ def why_not_evaluable(node: NodeProto) -> NotConstant:
         return NotConstant(f"computed by {node.domain}.{node.op_type}, outside the standard ONNX domain")
     if node.op_type.startswith("Random") or node.op_type in ("Multinomial", "Bernoulli"):
         return NotConstant(f"computed by {node.op_type}, which draws random values")
-    return NotConstant(f"computed by {node.op_type}, which constant evaluation does not run (control flow, sequences)")
+    return NotConstant(
+        f"computed by {node.op_type}, which constant evaluation does not run (control flow, sequences, BatchNorm)"
+    )
 
 
 def predicted_elements(node: NodeProto, inputs: Sequence[Array | None]) -> int | None:

@@ -40,6 +40,14 @@ def subgraphs(node: NodeProto) -> Iterator[GraphProto]:
             yield from attr.graphs
 
 
+def all_graphs(graph: GraphProto) -> Iterator[GraphProto]:
+    """``graph`` and every subgraph in it (If/Loop/Scan bodies, at any depth), outermost first."""
+    yield graph
+    for node in graph.node:
+        for sub in subgraphs(node):
+            yield from all_graphs(sub)
+
+
 def nested_nodes(graph: GraphProto) -> Iterator[NodeProto]:
     """Every node inside the subgraphs of ``graph``'s nodes, at any depth (not ``graph``'s own nodes)."""
     for node in graph.node:

@@ -12,7 +12,7 @@ import numpy as np
 from onnx import ModelProto
 
 from converter.affine import FoldKind
-from converter.graph import nested_nodes
+from converter.graph import all_graphs
 from converter.readiness import WeightStats
 from converter.trace import Trace
 from converter.verify import Verification
@@ -52,14 +52,17 @@ class Counts:
 
     @classmethod
     def of(cls, model: ModelProto) -> Counts:
-        params = sum(int(np.prod(t.dims, dtype=np.int64)) for t in model.graph.initializer)
-        for node in model.graph.node:
-            if node.op_type == "Constant":
-                for attr in node.attribute:
-                    if attr.name == "value":
-                        params += int(np.prod(attr.t.dims, dtype=np.int64))
-        nodes = [*model.graph.node, *nested_nodes(model.graph)]  # If/Loop/Scan bodies too
-        bns = sum(1 for n in nodes if n.op_type == "BatchNormalization")
+        """Nodes, parameters (initializers and Constant values) and BatchNorms; If/Loop/Scan bodies count too
+        (nodes: the main graph's)."""
+        params = bns = 0
+        for graph in all_graphs(model.graph):
+            params += sum(int(np.prod(t.dims, dtype=np.int64)) for t in graph.initializer)
+            for node in graph.node:
+                bns += node.op_type == "BatchNormalization"
+                if node.op_type == "Constant":
+                    for attr in node.attribute:
+                        if attr.name == "value":
+                            params += int(np.prod(attr.t.dims, dtype=np.int64))
         return cls(nodes=len(model.graph.node), parameters=params, batchnorms=bns)
 
 

@@ -13,6 +13,8 @@ import onnx
 from numpy.typing import NDArray
 from onnx import ModelProto, TensorProto
 
+from converter.graph import all_graphs
+
 #: Casts a float64 result to the dtype a value is stored in; the third argument names the layer for errors.
 Cast = Callable[[NDArray[np.float64], "np.dtype[np.floating] | type[np.floating]", str], NDArray[np.floating]]
 
@@ -57,7 +59,7 @@ class ValueInfo:
             inferred = onnx.shape_inference.infer_shapes(sk, strict_mode=False, data_prop=True)
         except Exception:  # inference is advisory: values it cannot type simply stay unknown
             inferred = sk
-        for g in _graphs(inferred.graph):  # subgraph (If/Loop/Scan body) values too: names are model-wide
+        for g in all_graphs(inferred.graph):  # subgraph (If/Loop/Scan body) values too: names are model-wide
             for vi in [*g.input, *g.value_info, *g.output]:
                 if vi.type.HasField("tensor_type") and vi.name not in self._types:
                     self._types[vi.name] = vi.type
@@ -95,13 +97,3 @@ class ValueInfo:
         if channels is None or any(d is None for d in after):
             return None
         return channels, int(np.prod([d for d in after if d is not None], dtype=np.int64))
-
-
-def _graphs(graph: onnx.GraphProto) -> list[onnx.GraphProto]:
-    """``graph`` and every subgraph in it, outermost first."""
-    out = [graph]
-    for node in graph.node:
-        for attr in node.attribute:
-            for sub in [attr.g] if attr.HasField("g") else list(attr.graphs):
-                out.extend(_graphs(sub))
-    return out
