@@ -8,7 +8,8 @@ Each :class:`Case` writes one ONNX file (external data beside it where the case 
 * an IR 3 graph (every initializer also a graph input) whose weights come from ``Tile``/``Expand`` of small
   initializers, and an opset 9 graph (caffe2 style) whose weights and BN parameters come from
   ``ConstantOfShape``, ``Range``, ``Where``, arithmetic and ``Shape`` of a value with a static shape;
-* BN parameters behind ``Constant`` nodes and ``Identity``/``Cast`` chains; nodes out of topological order;
+* BN parameters behind ``Constant`` nodes and ``Identity``/``Cast`` chains; nodes out of topological order (also in
+  a quantized export whose int8 weights go through ``DequantizeLinear``);
   BN with the pre-opset-9 ``spatial`` attribute; weights in external data; BN inside ``If`` branches and a
   ``Loop`` body; a float16 model.
 
@@ -289,6 +290,21 @@ def _constant_identity_cast(folder: Path) -> Path:
     return _save(model, folder, "constant_identity_cast")
 
 
+def _quantized_unsorted(folder: Path) -> Path:
+    """paddle2onnx-style quantized export: int8 weights through DequantizeLinear, nodes out of order."""
+    rng = _rng(10)
+    nodes, v = _conv_bn(rng, 3, 6, "x", "q", w="q_Wdq")
+    w = v.pop("q_W")
+    scale = np.abs(w).max(axis=(1, 2, 3)) / 127
+    v["q_W8"] = np.clip(np.round(w / scale[:, None, None, None]), -127, 127).astype(np.int8)
+    v["q_Ws"], v["q_Wz"] = scale.astype(np.float32), np.zeros(6, np.int8)
+    dq = helper.make_node("DequantizeLinear", ["q_W8", "q_Ws", "q_Wz"], ["q_Wdq"], name="w_dequantize", axis=0)
+    relu = helper.make_node("Relu", ["q_y"], ["q_r"], name="relu")
+    tensors = [_t(k, x) for k, x in v.items()]
+    model = _model([relu, nodes[1], nodes[0], dq], [("x", [1, 3, 6, 6])], ["q_r"], tensors, opset=13)
+    return _save(model, folder, "quantized_unsorted")
+
+
 def _spatial_opset7(folder: Path) -> Path:
     """Opset 7 (IR 3) BatchNormalization with the ``spatial=1`` attribute that opset 9 removed."""
     rng = _rng(5)
@@ -387,6 +403,7 @@ CASES: tuple[Case, ...] = (
     Case("caffe2_constant_of_shape", "ConstantOfShape/Where/Shape-of-static params", _caffe2_constant_of_shape),
     Case("opset11_range_tile", "weight from Range/Reshape/Sin, mean from Tile", _opset11_range_tile),
     Case("constant_identity_cast", "Constant nodes → Cast → Identity params", _constant_identity_cast),
+    Case("quantized_unsorted", "int8 weight via DequantizeLinear, unsorted", _quantized_unsorted),
     Case("spatial_opset7", "opset 7 BN with spatial=1", _spatial_opset7),
     Case("external_data", "weights in external data", _external_data),
     Case("if_branches", "Conv→BN inside If branches", _if_branches),

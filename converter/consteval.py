@@ -7,8 +7,8 @@ model's opset:
 
 * :func:`evaluate`: the ops of :data:`OPS` (shape and selection ops), in numpy, fast;
 * :func:`evaluate_node`: any other deterministic standard-domain op without subgraphs (``ConstantOfShape``,
-  ``Expand``, ``Tile``, ``Range``, ``Where``, arithmetic, ...), with the ONNX reference evaluator
-  (``onnx.reference``) on the node alone.
+  ``Expand``, ``Tile``, ``Range``, ``Where``, ``DequantizeLinear``, arithmetic, ...), on the node alone, with ONNX
+  Runtime (the runtime the result is verified in), else the ONNX reference evaluator (``onnx.reference``).
 
 Neither produces a value of more than :data:`MAX_ELEMENTS` elements: ``ConstantOfShape``, ``Expand``, ``Tile``
 and ``Range`` are sized before they run, every other result after. A value that is not evaluated stays what it
@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
-from onnx import AttributeProto, NodeProto, TensorProto, helper
+from onnx import AttributeProto, ModelProto, NodeProto, TensorProto, helper
 
 Array = NDArray[Any]
 
@@ -305,7 +305,8 @@ def too_big(node: NodeProto, elements: int) -> NotConstant:
 
 def evaluate_node(node: NodeProto, inputs: Sequence[Array | None], opset: int) -> list[Array] | NotConstant:
     """Every output of an :func:`evaluable` node given its constant inputs (None for an absent optional one),
-    run by the ONNX reference evaluator at the model's opset; or why not."""
+    run alone at the model's opset by ONNX Runtime (the runtime the result is verified in), or by the ONNX
+    reference evaluator where ONNX Runtime cannot run it; or why not."""
     predicted = predicted_elements(node, inputs)
     if predicted is not None and predicted > MAX_ELEMENTS:
         return too_big(node, predicted)
@@ -325,13 +326,20 @@ def evaluate_node(node: NodeProto, inputs: Sequence[Array | None], opset: int) -
         [helper.make_empty_tensor_value_info(o) for o in call.output if o],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
-    try:
-        from onnx.reference import ReferenceEvaluator  # noqa: PLC0415 (loaded only when a model needs it)
-
-        results = ReferenceEvaluator(model).run(None, feeds)
-    except Exception as exc:  # the reference evaluator lacks the op or refuses the node: not a constant
-        text = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-        return NotConstant(f"computed by {node.op_type}, which the ONNX reference evaluator could not run ({text})")
+    results: list[Any] | None = None
+    failures = []
+    for run in (_run_onnxruntime, _run_reference):
+        try:
+            results = run(model, feeds)
+            break
+        except Exception as exc:  # a runtime lacking the op (at this opset) or refusing the node: try the next
+            text = str(exc).strip()
+            failures.append(text.splitlines()[0][:160] if text else type(exc).__name__)
+    if results is None:
+        return NotConstant(
+            f"computed by {node.op_type}, which neither ONNX Runtime nor the ONNX reference evaluator could run "
+            f"({failures[0]}; {failures[1]})"
+        )
     out = []
     for value in results:
         if not isinstance(value, np.ndarray | np.generic):
@@ -341,3 +349,20 @@ def evaluate_node(node: NodeProto, inputs: Sequence[Array | None], opset: int) -
             return too_big(node, int(array.size))
         out.append(array)
     return out
+
+
+def _run_onnxruntime(model: ModelProto, feeds: dict[str, Array]) -> list[Any]:
+    import onnxruntime as ort  # noqa: PLC0415 (loaded only when a model needs it)
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.intra_op_num_threads = 1
+    options.log_severity_level = 3
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return list(session.run(None, feeds))
+
+
+def _run_reference(model: ModelProto, feeds: dict[str, Array]) -> list[Any]:
+    from onnx.reference import ReferenceEvaluator  # noqa: PLC0415 (loaded only when a model needs it)
+
+    return list(ReferenceEvaluator(model).run(None, feeds))

@@ -154,7 +154,8 @@ class Graph:
         A constant is an initializer that is not also an overridable graph input, a ``Constant`` node's value,
         ``Shape``/``Size`` of a value whose shape is static, or the output of a standard-domain node whose inputs
         are all constants (:mod:`converter.consteval`: the shape ops in numpy, any other deterministic op with
-        the ONNX reference evaluator, within :data:`converter.consteval.MAX_ELEMENTS`), at any depth. In a
+        ONNX Runtime or the ONNX reference evaluator, within :data:`converter.consteval.MAX_ELEMENTS`), at any
+        depth. In a
         subgraph, a value of the enclosing graph is a constant when it is one there. Values are cached until
         the next edit; that a value is *not* a constant is kept until its node changes (a fold never turns an
         activation into a constant), so repeated questions about activations stay cheap on large graphs.

@@ -30,6 +30,7 @@ EXPECTED = {
     "caffe2_constant_of_shape": (1, 0),
     "opset11_range_tile": (1, 0),
     "constant_identity_cast": (1, 0),
+    "quantized_unsorted": (1, 0),
     "spatial_opset7": (1, 0),
     "external_data": (2, 0),
     "if_branches": (2, 0),
