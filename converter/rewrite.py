@@ -16,7 +16,7 @@ from onnx import ModelProto
 from converter import bn_modes, precision, readiness, rules
 from converter.bn_modes import DEFAULT_EPSILON
 from converter.folding import cast_exact
-from converter.graph import Graph, attribute, display_name
+from converter.graph import Graph, all_graphs, attribute, display_name
 from converter.options import Options
 from converter.report import TRAINING_NOTE, LayerRecord
 from converter.shapes import ValueInfo
@@ -166,9 +166,9 @@ def _fold_all(g: Graph, info: ValueInfo, cast: readiness.Recorder, layers: dict[
 
 
 def _drop_stale_value_info(model: ModelProto) -> None:
-    """Remove value_info entries of values that no longer exist (a producer's renamed output)."""
-    g = model.graph
-    alive = {o for n in g.node for o in n.output} | {i.name for i in g.input}
-    stale = [vi for vi in g.value_info if vi.name not in alive]
-    for vi in stale:
-        g.value_info.remove(vi)
+    """Remove value_info entries of values that no longer exist (a producer's renamed output), in every graph."""
+    for g in all_graphs(model.graph):
+        alive = {o for n in g.node for o in n.output} | {i.name for i in g.input}
+        stale = [vi for vi in g.value_info if vi.name not in alive]
+        for vi in stale:
+            g.value_info.remove(vi)

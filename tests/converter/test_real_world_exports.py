@@ -236,3 +236,33 @@ def test_a_body_batchnorm_reading_the_enclosing_graph_stays_and_says_why() -> No
     (record,) = result.report.layers
     assert record.name == "branch/then_branch/bn" and record.action == "kept"
     assert "its input comes from the graph enclosing its If/Loop/Scan body" in str(record.reason)
+
+
+def test_a_loop_body_folds_and_keeps_no_stale_value_info() -> None:
+    w = RNG.normal(size=(2, 2, 3, 3)).astype(np.float32)
+    p = bn_params(RNG, 2)
+    carried = [
+        helper.make_tensor_value_info("i", TensorProto.INT64, []),
+        helper.make_tensor_value_info("go", TensorProto.BOOL, []),
+        helper.make_tensor_value_info("h", TensorProto.FLOAT, [1, 2, 5, 5]),
+    ]
+    body = helper.make_graph(
+        [conv("Wb", "h", "hc"), bn_node("hc", "hn"), helper.make_node("Identity", ["go"], ["go_out"])],
+        "body",
+        carried,
+        [
+            helper.make_tensor_value_info("go_out", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("hn", TensorProto.FLOAT, [1, 2, 5, 5]),
+        ],
+        [tensor("Wb", w), *bn_initializers(p)],
+        value_info=[helper.make_tensor_value_info("hc", TensorProto.FLOAT, [1, 2, 5, 5])],
+    )
+    loop = helper.make_node("Loop", ["n", "go0", "x"], ["y"], name="loop", body=body)
+    m = model([loop], [("x", [1, 2, 5, 5])], ["y"], [tensor("n", np.array(3, np.int64)), tensor("go0", np.array(True))])
+    result = convert(m)
+    assert [(r.name, r.action) for r in result.report.layers] == [("loop/body/bn", "folded")]
+    (folded_body,) = [a.g for a in result.model.graph.node[0].attribute if a.name == "body"]
+    assert [n.op_type for n in folded_body.node] == ["Conv", "Identity"]
+    assert [vi.name for vi in folded_body.value_info] == []  # 'hc' is gone: the Conv writes 'hn' now
+    onnx.checker.check_model(result.model)
+    assert close(run(result.model, {"x": X})[0], run(m, {"x": X})[0])
