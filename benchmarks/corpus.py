@@ -109,26 +109,69 @@ def _torch_net() -> Any:
             return self.b4(self.fc(torch.flatten(y, 1)))
 
     torch.manual_seed(0)
-    net = Net()
+    return _trained(Net()), torch.randn(2, 3, 4, 4)
+
+
+def _trained(net: Any) -> Any:
+    """Trained-looking BatchNorm statistics (a wrong fold shows), eval mode."""
+    from torch import nn
+
     for m in net.modules():
         if isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d):
             m.running_mean.normal_(0, 0.3)
             m.running_var.uniform_(0.5, 2.0)
             m.weight.data.uniform_(0.5, 1.5)
             m.bias.data.normal_(0, 0.2)
-    return net.eval(), torch.randn(2, 3, 4, 4)
+    return net.eval()
 
 
-def _torch_inputs_case(opset: int) -> Callable[[Path], Path]:
+def _torch_resnet() -> Any:
+    """A small ResNet (stem, three stages of two basic blocks, strided 1×1 downsample convs): 15 BatchNorms,
+    residual Adds, global pooling and a Linear head, as detectors' backbones are built."""
+    import torch
+    from torch import nn
+
+    class Block(nn.Module):
+        def __init__(self, c_in: int, c_out: int, stride: int) -> None:
+            super().__init__()
+            self.c1, self.b1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False), nn.BatchNorm2d(c_out)
+            self.c2, self.b2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False), nn.BatchNorm2d(c_out)
+            self.down = (
+                nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+                if stride != 1 or c_in != c_out
+                else nn.Identity()
+            )
+
+        def forward(self, x: Any) -> Any:
+            y = torch.relu(self.b1(self.c1(x)))
+            return torch.relu(self.b2(self.c2(y)) + self.down(x))
+
+    class ResNet(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, 1, 1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+            widths = [(8, 8, 1), (8, 8, 1), (8, 16, 2), (16, 16, 1), (16, 32, 2), (32, 32, 1)]
+            self.blocks = nn.Sequential(*(Block(a, b, s) for a, b, s in widths))
+            self.fc = nn.Linear(32, 10)
+
+        def forward(self, x: Any) -> Any:
+            y = self.blocks(self.stem(x))
+            return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(y, 1), 1))
+
+    torch.manual_seed(0)
+    return _trained(ResNet()), torch.randn(1, 3, 16, 16)
+
+
+def _torch_inputs_case(opset: int, net: Callable[[], Any] = _torch_net, name: str = "") -> Callable[[Path], Path]:
     def build(folder: Path) -> Path:
         import torch
 
-        net, x = _torch_net()
+        module, x = net()
         buf = io.BytesIO()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.onnx.export(
-                net,
+                module,
                 (x,),
                 buf,
                 opset_version=opset,
@@ -137,7 +180,7 @@ def _torch_inputs_case(opset: int) -> Callable[[Path], Path]:
                 dynamo=False,
                 input_names=["x"],
             )
-        return _save(onnx.load_from_string(buf.getvalue()), folder, f"torch_opset{opset}_inputs")
+        return _save(onnx.load_from_string(buf.getvalue()), folder, name or f"torch_opset{opset}_inputs")
 
     return build
 
@@ -396,6 +439,12 @@ CASES: tuple[Case, ...] = (
     *(
         Case(f"torch_opset{v}_inputs", f"torch.onnx.export opset {v}, keep_initializers_as_inputs", b, True)
         for v, b in ((v, _torch_inputs_case(v)) for v in (9, 11, 13, 17))
+    ),
+    Case(
+        "torch_resnet_opset9_inputs",
+        "15-BN ResNet, opset 9, keep_initializers_as_inputs",
+        _torch_inputs_case(9, _torch_resnet, "torch_resnet_opset9_inputs"),
+        True,
     ),
     Case("torch_dynamo", "torch.onnx.export(dynamo=True, optimize=False)", _torch_dynamo, True),
     Case("unsorted_nodes", "opset 13 export, nodes in reverse order", _torch_unsorted, True),

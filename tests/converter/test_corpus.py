@@ -24,6 +24,7 @@ EXPECTED = {
     "torch_opset11_inputs": (4, 0),
     "torch_opset13_inputs": (4, 0),
     "torch_opset17_inputs": (4, 0),
+    "torch_resnet_opset9_inputs": (15, 0),
     "torch_dynamo": (4, 0),
     "unsorted_nodes": (4, 0),
     "ir3_tile_expand": (2, 0),
