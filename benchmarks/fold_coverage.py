@@ -1,27 +1,35 @@
-"""Which BatchNorms each tool removes: bnfold vs onnxsim vs ONNX Runtime's basic optimisation level.
+"""Which BatchNorms each tool removes: bnfold vs onnxsim vs onnxoptimizer vs ONNX Runtime's basic level.
 
 Models: every case of ``converter.zoo.FOLD_CASES`` (one per rule bnfold has beyond Conv→BN, and the negative twins
-that must keep their BatchNorm), plus small PyTorch modules exported the way bnfold exports them
-(``converter.frontends.torch.export_module``: ``dynamo=False, do_constant_folding=False``) when torch is installed:
-a Linear→BN1d MLP, BN1d on raw features before a Linear, a Keras-ordered Conv→ReLU→BN block, an Inception-style
-concat, a CRNN tail (Conv2d to height 1, squeeze, BN1d) and a sequence Linear (3-D MatMul, reshaped, BN1d).
+that must keep their BatchNorm); with torch, small PyTorch modules exported the way bnfold exports them
+(``converter.frontends.torch.export_module``: ``dynamo=False, do_constant_folding=False``); and the corpus of odd
+exports of :mod:`benchmarks.corpus` (initializers listed as inputs at opsets 9-17, dynamo, IR 3 and caffe2-style
+constant expressions, Constant/Identity/Cast parameters, unsorted nodes, ``spatial``, external data, If/Loop
+bodies, float16).
 
-For each model: BatchNormalization nodes before; left after ``converter.convert`` (verification on); left after
-``onnxsim.simplify`` (its defaults, BN fusion on); left in the graph ONNX Runtime writes at ``ORT_ENABLE_BASIC``
-(``SessionOptions.optimized_model_filepath``); and the largest relative error of bnfold's model against the
-original, ``max|after − before| / max|before|`` over every output and ``--inputs`` seeded random inputs, both run
-with ORT optimisations off.
+Each model is written to a file, then for each: BatchNormalization nodes before (If/Loop bodies included); left
+after ``bnfold convert`` (the command line, verification on; its exit code too); left after ``onnxsim.simplify``
+(its defaults, BN fusion on); after ``onnxoptimizer.optimize(model, ["fuse_bn_into_conv"])``; in the graph ONNX
+Runtime writes at ``ORT_ENABLE_BASIC`` (``SessionOptions.optimized_model_filepath``); the largest relative error
+of bnfold's model against the original, ``max|after − before| / max|ref|`` over every output and ``--inputs``
+seeded random inputs, both run with ORT optimisations off (and of each against the original in float64); and each
+tool's seconds. "vs best" compares bnfold with the best peer: ``=`` as many left, ``<`` fewer, ``>`` more.
 
-    .venv/bin/python -m benchmarks.fold_coverage          # writes benchmarks/results/fold_coverage.json
+    python -m benchmarks.fold_coverage                  # writes benchmarks/results/fold_coverage.json
+    python -m benchmarks.fold_coverage --only corpus    # the corpus of odd exports alone
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
+import json
 import logging
 import math
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -31,16 +39,19 @@ import onnx
 import onnxruntime as ort
 from onnx import ModelProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
+from onnx.reference.op_run import OpRun
 
-import converter
+from benchmarks import corpus
 from benchmarks.environment import emit, git_state, host
-from converter import zoo
+from converter import cli, zoo
+from converter.graph import nested_nodes
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "fold_coverage.json"
 
 
 def count_bn(m: ModelProto) -> int:
-    return sum(1 for n in m.graph.node if n.op_type == "BatchNormalization")
+    """BatchNormalization nodes of the graph and of every If/Loop/Scan body in it."""
+    return sum(1 for n in [*m.graph.node, *nested_nodes(m.graph)] if n.op_type == "BatchNormalization")
 
 
 def session(m: ModelProto | str, level: ort.GraphOptimizationLevel, save: str | None = None) -> ort.InferenceSession:
@@ -60,7 +71,11 @@ def feeds(m: ModelProto, rng: np.random.Generator) -> dict[str, np.ndarray]:
             continue
         tt = vi.type.tensor_type
         shape = [d.dim_value if d.HasField("dim_value") else 1 for d in tt.shape.dim]
-        out[vi.name] = rng.normal(size=shape).astype(helper.tensor_dtype_to_np_dtype(tt.elem_type))
+        dtype = helper.tensor_dtype_to_np_dtype(tt.elem_type)
+        if dtype == np.bool_:  # an If condition: either branch
+            out[vi.name] = np.asarray(rng.random(size=shape) < 0.5)
+        else:
+            out[vi.name] = rng.normal(size=shape).astype(dtype)
     return out
 
 
@@ -78,15 +93,28 @@ def as_float64(m: ModelProto) -> ModelProto:
     for t in g.initializer:
         widen(t)
     for vi in [*g.input, *g.output, *g.value_info]:
-        if vi.type.tensor_type.elem_type == onnx.TensorProto.FLOAT:
+        if vi.type.tensor_type.elem_type in floats:
             vi.type.tensor_type.elem_type = onnx.TensorProto.DOUBLE
     for node in g.node:
         for attr in node.attribute:
             if attr.name == "value" and attr.type == onnx.AttributeProto.TENSOR:
                 widen(attr.t)
-            if node.op_type == "Cast" and attr.name == "to" and attr.i == onnx.TensorProto.FLOAT:
+            if node.op_type == "Cast" and attr.name == "to" and attr.i in floats:
                 attr.i = onnx.TensorProto.DOUBLE
     return wide
+
+
+class BatchNormalization(OpRun):
+    """Test-mode BatchNormalization at every opset for ``onnx.reference`` (its opset 9-13 version normalises with
+    the batch's statistics whenever the node has a ``momentum``, which is always)."""
+
+    op_domain = ""
+
+    def _run(self, x: Any, scale: Any, bias: Any, mean: Any, var: Any, **attrs: Any) -> tuple[Any]:
+        eps = attrs.get("epsilon")
+        shape = (1, -1) + (1,) * (x.ndim - 2)
+        s = scale.reshape(shape) / np.sqrt(var.reshape(shape) + (1e-5 if eps is None else eps))
+        return ((x - mean.reshape(shape)) * s + bias.reshape(shape),)
 
 
 def errors(original: ModelProto, converted: ModelProto, inputs: int) -> dict[str, float | None]:
@@ -94,7 +122,10 @@ def errors(original: ModelProto, converted: ModelProto, inputs: int) -> dict[str
     them vs the original evaluated in float64 (onnx.reference), the float32 noise floor."""
     off = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     a, b = session(original, off), session(converted, off)
-    exact = ReferenceEvaluator(as_float64(original))
+    try:
+        exact: ReferenceEvaluator | None = ReferenceEvaluator(as_float64(original), new_ops=[BatchNormalization])
+    except Exception:  # onnx.reference lacks an op at this opset (DequantizeLinear before 19): no float64 floor
+        exact = None
     rng = np.random.default_rng(0)
     worst: dict[str, float] = {"vs_original": 0.0, "original_vs_f64": 0.0, "bnfold_vs_f64": 0.0}
 
@@ -105,6 +136,7 @@ def errors(original: ModelProto, converted: ModelProto, inputs: int) -> dict[str
     for _ in range(inputs):
         x = feeds(original, rng)
         try:
+            assert exact is not None
             truth = exact.run(None, {k: v.astype(np.float64) for k, v in x.items()})
         except Exception:  # onnx.reference lacks a case (grouped ConvTranspose): no float64 floor for it
             truth = None
@@ -115,23 +147,53 @@ def errors(original: ModelProto, converted: ModelProto, inputs: int) -> dict[str
     return {k: None if math.isnan(v) else v for k, v in worst.items()}
 
 
-def ort_basic_bn(m: ModelProto) -> int:
+def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
+    start = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - start
+
+
+def ort_basic_bn(path: Path) -> tuple[int | str, float]:
     with tempfile.TemporaryDirectory() as tmp:
-        path = str(Path(tmp) / "basic.onnx")
-        session(m, ort.GraphOptimizationLevel.ORT_ENABLE_BASIC, save=path)
-        return count_bn(onnx.load(path, load_external_data=False))
+        save = str(Path(tmp) / "basic.onnx")
+        try:
+            _, seconds = timed(lambda: session(str(path), ort.GraphOptimizationLevel.ORT_ENABLE_BASIC, save=save))
+        except Exception as exc:  # a model ONNX Runtime refuses: a result too
+            return f"error: {type(exc).__name__}", math.nan
+        return count_bn(onnx.load(save, load_external_data=False)), seconds
 
 
-def onnxsim_bn(m: ModelProto) -> int | str:
+def onnxsim_bn(m: ModelProto) -> tuple[int | str, float]:
     try:
         import onnxsim
     except ImportError:
-        return "n/a"
+        return "n/a", math.nan
     try:
-        simplified, _ = onnxsim.simplify(m, check_n=0)
+        (simplified, _), seconds = timed(lambda: onnxsim.simplify(m, check_n=0))
     except Exception as exc:  # report, don't hide: a tool failure is a result too
-        return f"error: {type(exc).__name__}"
-    return count_bn(simplified)
+        return f"error: {type(exc).__name__}", math.nan
+    return count_bn(simplified), seconds
+
+
+def onnxoptimizer_bn(m: ModelProto) -> tuple[int | str, float]:
+    try:
+        import onnxoptimizer
+    except ImportError:
+        return "n/a", math.nan
+    try:
+        optimized, seconds = timed(lambda: onnxoptimizer.optimize(m, ["fuse_bn_into_conv"]))
+    except Exception as exc:
+        return f"error: {type(exc).__name__}", math.nan
+    return count_bn(optimized), seconds
+
+
+def bnfold_cli(path: Path, out: Path) -> tuple[int, dict[str, Any] | None, float, str]:
+    """``bnfold convert PATH -o OUT`` through the command line's ``main``: exit code, report, seconds, stderr."""
+    report = out.with_suffix(".json")
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code, seconds = timed(lambda: cli.main(["convert", str(path), "-o", str(out), "-q", "--report", str(report)]))
+    return code, json.loads(report.read_text()) if code == 0 else None, seconds, err.getvalue().strip()
 
 
 def torch_models() -> dict[str, tuple[Callable[[], Any], Any, str]]:
@@ -222,47 +284,74 @@ def torch_models() -> dict[str, tuple[Callable[[], Any], Any, str]]:
     }
 
 
-def models() -> list[tuple[str, str, ModelProto]]:
-    out = [(case.name, case.why, case.build()) for case in zoo.FOLD_CASES]
-    if torch_models():
+def models(folder: Path, only: str | None = None) -> list[tuple[str, str, Path]]:
+    """(name, what it shows, file) of every model, written into ``folder``; ``only``: zoo, torch or corpus."""
+    out: list[tuple[str, str, Path]] = []
+    if only in (None, "zoo"):
+        for case in zoo.FOLD_CASES:
+            path = folder / f"{case.name}.onnx"
+            onnx.save(case.build(), str(path))
+            out.append((case.name, case.why, path))
+    if only in (None, "torch") and torch_models():
         from converter.frontends import torch as torch_frontend
 
         for name, (make, example, why) in torch_models().items():
-            out.append((name, why, torch_frontend.export_module(make(), example).model))
+            path = folder / f"{name}.onnx"
+            onnx.save(torch_frontend.export_module(make(), example).model, str(path))
+            out.append((name, why, path))
+    if only in (None, "corpus"):
+        out.extend((case.name, case.what, case.build(folder)) for case in corpus.cases())
     return out
 
 
+def _best(row: dict[str, Any]) -> str:
+    peers = [row[k] for k in ("onnxsim", "onnxoptimizer", "ort_basic") if isinstance(row[k], int)]
+    if not isinstance(row["bnfold"], int) or not peers:
+        return "?"
+    best = min(peers)
+    return "<" if row["bnfold"] < best else "=" if row["bnfold"] == best else ">"
+
+
+def row_for(name: str, why: str, path: Path, folder: Path, inputs: int) -> dict[str, Any]:
+    original = onnx.load(str(path))  # external data too
+    code, report, seconds, stderr = bnfold_cli(path, folder / f"{name}.bnfold.onnx")
+    converted = onnx.load(str(folder / f"{name}.bnfold.onnx")) if code == 0 else None
+    sim, sim_s = onnxsim_bn(original)
+    opt, opt_s = onnxoptimizer_bn(original)
+    basic, basic_s = ort_basic_bn(path)
+    layers = (report or {}).get("layers", [])
+    row: dict[str, Any] = {
+        "model": name,
+        "what": why,
+        "bn_before": count_bn(original),
+        "bnfold": count_bn(converted) if converted is not None else f"exit {code}",
+        "exit": code,
+        "bnfold_rules": [str(r["fold"]) for r in layers if r["action"] == "folded"],
+        "onnxsim": sim,
+        "onnxoptimizer": opt,
+        "ort_basic": basic,
+        "seconds": {"bnfold": seconds, "onnxsim": sim_s, "onnxoptimizer": opt_s, "ort_basic": basic_s},
+        "kept_reasons": [r["reason"] for r in layers if r["action"] != "folded"],
+        "notes": (report or {}).get("notes", []),
+        "error": stderr if code else None,
+    }
+    if converted is not None:
+        row.update(errors(original, converted, inputs))
+    else:
+        row.update({"vs_original": None, "original_vs_f64": None, "bnfold_vs_f64": None})
+    row["vs_best"] = _best(row)
+    return row
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    rows = []
-    for name, why, model in models():
-        result = converter.convert(model)
-        kinds = [str(r.fold) for r in result.report.layers if r.action == "folded"]
-        rows.append(
-            {
-                "model": name,
-                "what": why,
-                "bn_before": count_bn(model),
-                "bnfold": count_bn(result.model),
-                "bnfold_rules": kinds,
-                "onnxsim": onnxsim_bn(model),
-                "ort_basic": ort_basic_bn(model),
-                **errors(model, result.model, args.inputs),
-                "kept_reasons": [r.reason for r in result.report.layers if r.action != "folded"],
-            }
-        )
+    ort.set_default_logger_severity(3)  # ORT warns once per initializer listed as an input: not a result
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        rows = [row_for(name, why, path, folder, args.inputs) for name, why, path in models(folder, args.only)]
     versions = {"onnx": onnx.__version__, "onnxruntime": ort.__version__}
-    try:
-        import onnxsim
-
-        versions["onnxsim"] = onnxsim.__version__
-    except ImportError:
-        pass
-    try:
-        import torch
-
-        versions["torch"] = torch.__version__
-    except ImportError:
-        pass
+    for module in ("onnxsim", "onnxoptimizer", "torch"):
+        with contextlib.suppress(ImportError):
+            versions[module] = __import__(module).__version__
     return {"rows": rows, "inputs": args.inputs, "versions": versions, "machine": host(), "git": git_state("converter")}
 
 
@@ -270,40 +359,56 @@ def _e(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.2e}"
 
 
+def _s(value: float) -> str:
+    return "n/a" if value is None or math.isnan(value) else f"{value:.2f}"
+
+
 def table(result: dict[str, Any]) -> str:
     head = (
-        f"{'model':<24}{'BN':>4}{'bnfold':>8}{'onnxsim':>9}{'ORT basic':>11}{'rel err':>10}{'orig/f64':>10}"
-        f"{'bnfold/f64':>11}  rules bnfold used"
+        f"{'model':<26}{'BN':>4}{'bnfold':>8}{'onnxsim':>9}{'onnxopt':>9}{'ORT basic':>11}{'vs best':>8}"
+        f"{'rel err':>10}{'orig/f64':>10}{'bnfold/f64':>11}{'s bnfold':>9}{'s sim':>7}{'s opt':>7}{'s ORT':>7}"
     )
     lines = [head, "-" * len(head)]
     for r in result["rows"]:
-        rules = ", ".join(r["bnfold_rules"]) or "-"
+        t = r["seconds"]
         lines.append(
-            f"{r['model']:<24}{r['bn_before']:>4}{r['bnfold']:>8}{r['onnxsim']!s:>9}{r['ort_basic']:>11}"
-            f"{r['vs_original']:>10.2e}{_e(r['original_vs_f64']):>10}{_e(r['bnfold_vs_f64']):>11}  {rules}"
+            f"{r['model']:<26}{r['bn_before']:>4}{r['bnfold']!s:>8}{_short(r['onnxsim']):>9}"
+            f"{_short(r['onnxoptimizer']):>9}{_short(r['ort_basic']):>11}{r['vs_best']:>8}{_e(r['vs_original']):>10}"
+            f"{_e(r['original_vs_f64']):>10}{_e(r['bnfold_vs_f64']):>11}{_s(t['bnfold']):>9}{_s(t['onnxsim']):>7}"
+            f"{_s(t['onnxoptimizer']):>7}{_s(t['ort_basic']):>7}"
         )
-    total = {
-        k: sum(r[k] for r in result["rows"] if isinstance(r[k], int)) for k in ("bn_before", "bnfold", "ort_basic")
-    }
-    sim = sum(r["onnxsim"] for r in result["rows"] if isinstance(r["onnxsim"], int))
     lines.append("-" * len(head))
-    lines.append(f"{'total':<24}{total['bn_before']:>4}{total['bnfold']:>8}{sim:>9}{total['ort_basic']:>11}")
-    v = result["versions"]
+    sums = {  # a tool that failed on a model left every BatchNorm of it
+        k: sum(r[k] if isinstance(r[k], int) else r["bn_before"] for r in result["rows"])
+        for k in ("bn_before", "bnfold", "onnxsim", "onnxoptimizer", "ort_basic")
+    }
+    lines.append(
+        f"{'total':<26}{sums['bn_before']:>4}{sums['bnfold']:>8}{sums['onnxsim']:>9}{sums['onnxoptimizer']:>9}"
+        f"{sums['ort_basic']:>11}"
+    )
+    v, load = result["versions"], result["machine"].get("loadavg_at_start")
     lines.append("")
     lines.append(
-        "BN: BatchNormalization nodes in the model; bnfold/onnxsim/ORT basic: left after each tool.\n"
-        f"rel err: max|Δ|/max|ref| over every output and {result['inputs']} random inputs, bnfold vs original (both "
-        "float32, ORT optimisations off);\norig/f64, bnfold/f64: each float32 model vs the original evaluated in "
-        "float64 (onnx.reference; n/a: it cannot run grouped ConvTranspose), the float32 noise floor"
+        "BN: BatchNormalization nodes in the model (If/Loop bodies included); bnfold/onnxsim/onnxopt/ORT basic: left "
+        "after each tool (onnxopt: onnxoptimizer fuse_bn_into_conv; err: the tool failed, counted as leaving all);"
+        "\nvs best: bnfold against the best peer (= as many left, < fewer, > more); rel err: max|Δ|/max|ref| over "
+        f"every output and {result['inputs']} random inputs, bnfold vs original (ORT optimisations off);"
+        "\norig/f64, bnfold/f64: each model vs the original evaluated in float64 (onnx.reference; n/a where it cannot "
+        "run the model); s: seconds (bnfold: the whole convert command, verification included)"
     )
-    lines.append(", ".join(f"{k} {val}" for k, val in v.items()))
+    lines.append(", ".join(f"{k} {val}" for k, val in v.items()) + (f"; load average at start {load}" if load else ""))
     return "\n".join(lines)
+
+
+def _short(value: int | str) -> str:
+    return str(value) if isinstance(value, int) else "err" if str(value).startswith("error") else str(value)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--inputs", type=int, default=5, help="random inputs per model for the error (default 5)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON output (default {DEFAULT_OUT})")
+    p.add_argument("--only", choices=("zoo", "torch", "corpus"), help="one group of models (default: all)")
     args = p.parse_args(argv)
     logging.getLogger("bnfold").setLevel(logging.WARNING)
     result = run(args)

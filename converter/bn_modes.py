@@ -66,9 +66,10 @@ def parse(g: Graph, idx: int) -> BatchNormNode:
         bn.not_constant = "spatial=0 (per-activation statistics) is not a per-channel map"
         return bn
     params = [g.constant(n) for n in node.input[1:]]
-    missing = [role for role, p in zip(("scale", "B", "mean", "var"), params, strict=True) if p is None]
+    roles = ("scale", "B", "mean", "var")
+    missing = [(role, n) for role, n, p in zip(roles, node.input[1:], params, strict=True) if p is None]
     if missing:
-        bn.not_constant = f"parameters are not constants ({', '.join(missing)})"
+        bn.not_constant = f"parameters are not constants ({_why_not(g, missing)})"
         return bn
     dtypes = {np.dtype(p.dtype) for p in params if p is not None}
     if not dtypes <= set(FOLDABLE_DTYPES):
@@ -81,6 +82,16 @@ def parse(g: Graph, idx: int) -> BatchNormNode:
     gamma, beta, mean, var = params
     bn.s, bn.t = bn_affine(gamma, beta, mean, var, eps, name)  # type: ignore[arg-type]
     return bn
+
+
+def _why_not(g: Graph, missing: list[tuple[str, str]]) -> str:
+    """``scale: why; var: why``, or ``scale 'a', var 'b': each is why`` when they share the cause."""
+    whys = [g.why_not_constant(name) for _, name in missing]
+    prefixes = [f"{name!r} is " for _, name in missing]
+    tails = {why.removeprefix(p) for why, p in zip(whys, prefixes, strict=True)}
+    if len(missing) > 1 and len(tails) == 1 and all(w.startswith(p) for w, p in zip(whys, prefixes, strict=True)):
+        return f"{', '.join(f'{role} {name!r}' for role, name in missing)}: each is {tails.pop()}"
+    return "; ".join(f"{role}: {why}" for (role, _), why in zip(missing, whys, strict=True))
 
 
 def used_training_outputs(g: Graph, bn: BatchNormNode) -> list[str]:

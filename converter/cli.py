@@ -90,6 +90,12 @@ def _common(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--no-random", action="store_true", help="with --inputs: skip the seeded random inputs")
     p.add_argument(
+        "--keep-overridable-initializers",
+        action="store_true",
+        help="initializers also listed as graph inputs stay inputs a caller may override, so they are not folded "
+        "(default: they are weights, folded and removed from the inputs)",
+    )
+    p.add_argument(
         "--trace",
         action="store_true",
         help="name the first node whose output differs between original and converted, even when verification "
@@ -163,6 +169,7 @@ def _options(args: argparse.Namespace, verify: bool) -> Options:
         random=not args.no_random,
         trace=args.trace,
         int8=quant_options.from_args(args) if hasattr(args, "int8") else None,
+        keep_overridable_initializers=args.keep_overridable_initializers,
     )
 
 

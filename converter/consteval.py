@@ -1,9 +1,18 @@
-"""A small whitelisted evaluator for constant expressions: the shape and selection ops exporters put on weights.
+"""Constant expressions: the output of a standard-domain node whose inputs are all constants is a constant too.
 
 ``nn.Linear`` exports as ``MatMul(x, Transpose(W))``; other exporters reshape, cast, concatenate or slice stored
-parameters. When every input of such a node is a constant its output is one too, and :func:`evaluate` computes it
-with numpy. Only the ops in :data:`OPS` are evaluated, each as the ONNX operator of the model's opset defines it;
-anything else (or an input it cannot read, such as a bfloat16 cast) makes the value non-constant, never a guess.
+parameters, caffe2 exports build every weight with ``ConstantOfShape``, and PyTorch's dynamo exporter gives a
+bias-free conv a zero bias from ``Shape``/``Expand``. Two evaluators, each following the ONNX operator of the
+model's opset:
+
+* :func:`evaluate`: the ops of :data:`OPS` (shape and selection ops), in numpy, fast;
+* :func:`evaluate_node`: any other deterministic standard-domain op without subgraphs (``ConstantOfShape``,
+  ``Expand``, ``Tile``, ``Range``, ``Where``, ``DequantizeLinear``, arithmetic, ...), on the node alone, with ONNX
+  Runtime (the runtime the result is verified in), else the ONNX reference evaluator (``onnx.reference``).
+
+Neither produces a value of more than :data:`MAX_ELEMENTS` elements: ``ConstantOfShape``, ``Expand``, ``Tile``
+and ``Range`` are sized before they run, every other result after. A value that is not evaluated stays what it
+is in the graph, never a guess, and :func:`evaluate_node` says why (the bound, a random or custom op, ...).
 """
 
 from __future__ import annotations
@@ -13,7 +22,7 @@ from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
-from onnx import NodeProto, TensorProto, helper
+from onnx import AttributeProto, ModelProto, NodeProto, TensorProto, helper
 
 Array = NDArray[Any]
 
@@ -22,10 +31,27 @@ OPS = frozenset(
     {"Identity", "Transpose", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Cast", "Concat", "Slice", "Gather"}
 )
 
-#: Largest constant the evaluator produces (elements): bigger expressions stay what they are.
+#: Largest constant the evaluators produce (elements; 512 MiB of float32): bigger expressions stay what they are.
 MAX_ELEMENTS = 1 << 27
 
-_CASTABLE = {
+#: Standard ops that are never evaluated: random values, and ops whose outputs are not plain tensors.
+NOT_EVALUATED = frozenset(
+    {
+        "RandomNormal",
+        "RandomNormalLike",
+        "RandomUniform",
+        "RandomUniformLike",
+        "Multinomial",
+        "Bernoulli",
+        "If",
+        "Loop",
+        "Scan",
+        "Constant",  # read by the graph index itself
+        "BatchNormalization",  # onnx.reference's opset 9-13 version normalises with the batch's own statistics
+    }
+)
+
+CASTABLE = {
     TensorProto.FLOAT,
     TensorProto.DOUBLE,
     TensorProto.FLOAT16,
@@ -39,6 +65,11 @@ _CASTABLE = {
     TensorProto.UINT64,
     TensorProto.BOOL,
 }
+
+
+def cast_to(value: Array, dtype: Any) -> Array | None:
+    """``value`` cast to a numpy dtype of :data:`CASTABLE` (None for a value numpy cannot cast: strings)."""
+    return value.astype(dtype) if value.dtype.kind in "fiub" else None
 
 
 def evaluate(node: NodeProto, inputs: Sequence[Array | None], opset: int) -> Array | None:
@@ -150,7 +181,7 @@ def _flatten(node: NodeProto, x: list[Array | None], opset: int) -> Array | None
 def _cast(node: NodeProto, x: list[Array | None], opset: int) -> Array | None:
     data = x[0]
     to = attribute(node, "to")
-    if data is None or not isinstance(to, int) or to not in _CASTABLE or data.dtype.kind not in "fiub":
+    if data is None or not isinstance(to, int) or to not in CASTABLE or data.dtype.kind not in "fiub":
         return None
     return data.astype(helper.tensor_dtype_to_np_dtype(to))
 
@@ -217,3 +248,121 @@ _EVAL: dict[str, Callable[[NodeProto, list[Array | None], int], Array | None]] =
     "Slice": _slice,
     "Gather": _gather,
 }
+
+
+class NotConstant(str):
+    """Why a node's outputs are not evaluated: a clause that reads after "the value is" ("computed by ...")."""
+
+
+def evaluable(node: NodeProto) -> bool:
+    """True for a node :func:`evaluate_node` may run: standard domain, deterministic, no subgraph, no sequences."""
+    return (
+        node.domain in ("", "ai.onnx")
+        and node.op_type not in NOT_EVALUATED
+        and not node.op_type.startswith(("Sequence", "Optional"))
+        and node.op_type not in ("SplitToSequence", "ConcatFromSequence")
+        and not any(a.type in (AttributeProto.GRAPH, AttributeProto.GRAPHS) for a in node.attribute)
+    )
+
+
+def why_not_evaluable(node: NodeProto) -> NotConstant:
+    if node.domain not in ("", "ai.onnx"):
+        return NotConstant(f"computed by {node.domain}.{node.op_type}, outside the standard ONNX domain")
+    if node.op_type.startswith("Random") or node.op_type in ("Multinomial", "Bernoulli"):
+        return NotConstant(f"computed by {node.op_type}, which draws random values")
+    return NotConstant(
+        f"computed by {node.op_type}, which constant evaluation does not run (control flow, sequences, BatchNorm)"
+    )
+
+
+def predicted_elements(node: NodeProto, inputs: Sequence[Array | None]) -> int | None:
+    """The element count of the first output of the ops that build big tensors from small ones, before running."""
+    try:
+        if node.op_type == "ConstantOfShape" and inputs and inputs[0] is not None:
+            return int(np.prod(np.asarray(inputs[0], dtype=np.int64), dtype=object))
+        if node.op_type == "Expand" and len(inputs) > 1 and inputs[0] is not None and inputs[1] is not None:
+            shape = [int(d) for d in np.asarray(inputs[1]).reshape(-1)]
+            rank = max(len(shape), inputs[0].ndim)
+            a = [1] * (rank - inputs[0].ndim) + list(inputs[0].shape)
+            b = [1] * (rank - len(shape)) + shape
+            return int(np.prod([max(x, y) for x, y in zip(a, b, strict=True)], dtype=object))
+        if node.op_type == "Tile" and len(inputs) > 1 and inputs[0] is not None and inputs[1] is not None:
+            return int(inputs[0].size * np.prod(np.asarray(inputs[1], dtype=np.int64), dtype=object))
+        if node.op_type == "Range" and len(inputs) > 2 and all(v is not None for v in inputs[:3]):
+            start, limit, delta = (float(np.asarray(v).reshape(-1)[0]) for v in inputs[:3])
+            return max(int(np.ceil((limit - start) / delta)), 0) if delta else None
+    except (ValueError, TypeError, OverflowError):
+        return None
+    return None
+
+
+def too_big(node: NodeProto, elements: int) -> NotConstant:
+    return NotConstant(
+        f"computed by {node.op_type} {node.name or node.output[0]}, which would make {elements:,} elements, above "
+        f"the constant-evaluation bound of {MAX_ELEMENTS:,}"
+    )
+
+
+def evaluate_node(node: NodeProto, inputs: Sequence[Array | None], opset: int) -> list[Array] | NotConstant:
+    """Every output of an :func:`evaluable` node given its constant inputs (None for an absent optional one),
+    run alone at the model's opset by ONNX Runtime (the runtime the result is verified in), or by the ONNX
+    reference evaluator where ONNX Runtime cannot run it; or why not."""
+    predicted = predicted_elements(node, inputs)
+    if predicted is not None and predicted > MAX_ELEMENTS:
+        return too_big(node, predicted)
+    names = [f"in{i}" for i in range(len(node.input))]
+    call = NodeProto()
+    call.CopyFrom(node)
+    call.name = "eval"
+    del call.input[:]
+    call.input.extend(n if node.input[i] else "" for i, n in enumerate(names))
+    del call.output[:]
+    call.output.extend(f"out{i}" if o else "" for i, o in enumerate(node.output))
+    feeds = {n: v for n, v, given in zip(names, inputs, node.input, strict=True) if given and v is not None}
+    graph = helper.make_graph(
+        [call],
+        "consteval",
+        [helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(v.dtype), v.shape) for n, v in feeds.items()],
+        [helper.make_empty_tensor_value_info(o) for o in call.output if o],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    results: list[Any] | None = None
+    failures = []
+    for run in (_run_onnxruntime, _run_reference):
+        try:
+            results = run(model, feeds)
+            break
+        except Exception as exc:  # a runtime lacking the op (at this opset) or refusing the node: try the next
+            text = str(exc).strip()
+            failures.append(text.splitlines()[0][:160] if text else type(exc).__name__)
+    if results is None:
+        return NotConstant(
+            f"computed by {node.op_type}, which neither ONNX Runtime nor the ONNX reference evaluator could run "
+            f"({failures[0]}; {failures[1]})"
+        )
+    out = []
+    for value in results:
+        if not isinstance(value, np.ndarray | np.generic):
+            return NotConstant(f"computed by {node.op_type}, whose output is not a tensor")
+        array = np.ascontiguousarray(value)
+        if array.size > MAX_ELEMENTS:
+            return too_big(node, int(array.size))
+        out.append(array)
+    return out
+
+
+def _run_onnxruntime(model: ModelProto, feeds: dict[str, Array]) -> list[Any]:
+    import onnxruntime as ort  # noqa: PLC0415 (loaded only when a model needs it)
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.intra_op_num_threads = 1
+    options.log_severity_level = 3
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return list(session.run(None, feeds))
+
+
+def _run_reference(model: ModelProto, feeds: dict[str, Array]) -> list[Any]:
+    from onnx.reference import ReferenceEvaluator  # noqa: PLC0415 (loaded only when a model needs it)
+
+    return list(ReferenceEvaluator(model).run(None, feeds))

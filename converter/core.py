@@ -16,11 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from onnx import ModelProto
+from onnx import ModelProto, TensorProto
 
-from converter import bn_modes, inputs, modelio, quantize
+from converter import inputs, modelio, prepare
 from converter.errors import InputError, VerificationError, first_line
-from converter.graph import nested_nodes
 from converter.options import Options
 from converter.report import Counts, Readiness, Report
 from converter.rewrite import Rewrite, rewrite
@@ -60,21 +59,26 @@ class Source:
     framework: Framework | None = None
     notes: list[str] = field(default_factory=list)
     external_data: bool = False
+    float16: bool = False  # the model computes in float16 (its float outputs are float16): float16 tolerances
 
 
 def run(src: Source, options: Options, phases: Phases, dst: Path | None = None) -> ConversionResult:
     """The core: sample inputs, rewrite, report, verify (in memory, or the staged file when ``dst``), write.
-    With ``options.int8``: that in memory, then quantize, prove and write (:mod:`converter.quantize`)."""
-    if options.int8 is not None:
-        return quantize.run(src, options, phases, dst, fold=run)
+    INT8 (``options.int8``) is a step above this one: :func:`converter.quantize.run` calls it, then quantizes."""
     samples: InputSet | None = None
     if options.verify and options.inputs:
         with phases("inputs"):
             samples = inputs.load(options.inputs, src.model)
     before = Counts.of(src.model)
+    src.float16 = _float16_outputs(src.model)
+    ir_version = src.model.ir_version
     with phases("rewrite"):
+        constant_inputs = prepare.constant_initializer_inputs(src.model, options.keep_overridable_initializers)
         result = rewrite(src.model, options)
     report = _report(options, before, result)
+    report.initializer_inputs = constant_inputs
+    if constant_inputs:
+        report.notes.append(prepare.initializer_note(constant_inputs, ir_version))
     report.source = src.name
     report.notes.extend(src.notes)
     reference = Reference.onnx(src.reference, src.label)
@@ -109,13 +113,13 @@ def _report(options: Options, before: Counts, result: Rewrite) -> Report:
             "to inference mode (running statistics); verification compares against the original with that same "
             "change"
         )
-    nested = sum(1 for n in nested_nodes(result.model.graph) if bn_modes.is_batchnorm(n))
-    if nested:
-        report.notes.append(
-            f"{nested} BatchNormalization node(s) inside If/Loop/Scan bodies left as they are: subgraphs are not "
-            "rewritten"
-        )
     return report
+
+
+def _float16_outputs(model: ModelProto) -> bool:
+    types = [o.type.tensor_type.elem_type for o in model.graph.output if o.type.HasField("tensor_type")]
+    floats = [t for t in types if t in (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE)]
+    return bool(floats) and all(t == TensorProto.FLOAT16 for t in floats)
 
 
 def _inference_mode(original: ModelProto) -> ModelProto:
@@ -135,7 +139,7 @@ def _verify(
     samples: InputSet | None,
 ) -> None:
     """Every check, ONNX Runtime first; the first failing reference raises VerificationError (exit 3)."""
-    atol, rtol = options.tolerances()
+    atol, rtol = options.tolerances(float16_model=src.float16)
     with phases("verify"):
         checked = _checked(report, reference, converted, atol, rtol, options, samples, "the models")
     feeds = checked.failing_feeds() or (

@@ -78,7 +78,7 @@ class ForwardRule:
         node = g.node(layer)
         if len(node.input) > 2 and node.input[2]:
             bias = g.constant(node.input[2])
-            return Skip("its bias is not a constant") if bias is None else bias
+            return Skip(f"its bias is not a constant ({g.why_not_constant(node.input[2])})") if bias is None else bias
         return None
 
     def features(
@@ -248,7 +248,8 @@ def match(
         return Skip(f"{prefix}: the map does not feed its data input (input 0) alone")
     weight = g.constant(node.input[1]) if len(node.input) > 1 else None
     if weight is None:
-        return Skip(f"{prefix}: its weight is not a constant")
+        why = g.why_not_constant(node.input[1]) if len(node.input) > 1 else "it has none"
+        return Skip(f"{prefix}: its weight is not a constant ({why})")
     if np.dtype(weight.dtype) not in FOLDABLE_DTYPES:
         return Skip(f"{prefix}: its weight is {weight.dtype}, not a foldable float type")
     bias = rule.bias(g, layer)

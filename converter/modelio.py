@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import shutil
 import signal
@@ -18,6 +19,7 @@ from google.protobuf.message import DecodeError, Message
 from onnx import GraphProto, ModelProto, TensorProto
 from onnx.external_data_helper import load_external_data_for_model
 
+from converter import prepare
 from converter.errors import InputError
 from converter.errors import first_line as _first_line
 
@@ -31,6 +33,11 @@ class Loaded:
     model: ModelProto
     path: Path
     external_data: bool  # the file kept (some) tensors in external data files
+    notes: list[str] = dataclasses.field(default_factory=list)  # what loading changed (nodes sorted)
+
+
+#: The report's line for a model whose nodes were sorted on the way in.
+SORTED_NOTE = "nodes were not in topological order: sorted as ONNX Runtime sorts them (the output is written sorted)"
 
 
 def load(path: str | os.PathLike[str]) -> Loaded:
@@ -63,9 +70,35 @@ def load(path: str | os.PathLike[str]) -> Loaded:
             load_external_data_for_model(model, str(p.parent))
         except (OSError, ValueError, onnx.checker.ValidationError) as exc:
             raise InputError(f"{p}: external data cannot be loaded ({_first_line(exc)})") from None
+    notes: list[str] = []
+    if problem is not None:
+        notes = sort(model, str(p))
+        problem = None if notes else problem
     if problem is not None:
         raise InputError(f"{p}: invalid ONNX model ({_first_line(problem)})")
-    return Loaded(model, p, external)
+    return Loaded(model, p, external, notes)
+
+
+def sort(model: ModelProto, what: str) -> list[str]:
+    """Sort an unsorted model's nodes in place (as ONNX Runtime does), then check it; return the report's notes.
+    A node reading a value that nothing produces, or a cycle, is an InputError naming the node."""
+    was_sorted = prepare.is_sorted(model.graph)
+    try:
+        prepare.sort_nodes(model.graph)
+    except InputError as exc:
+        raise InputError(f"{what}: {exc}") from None
+    if was_sorted:
+        return []
+    check(model, what)
+    return [SORTED_NOTE]
+
+
+def check_sorted(model: ModelProto, what: str = "model") -> list[str]:
+    """:func:`check`, after sorting the nodes of a model that is not in topological order (in place)."""
+    notes = sort(model, what)
+    if not notes:
+        check(model, what)
+    return notes
 
 
 def weights_size(model: ModelProto) -> int:

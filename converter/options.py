@@ -37,6 +37,7 @@ class Options:
     random: bool = True
     trace: bool = False
     int8: Int8Options | None = None  # after the fold, quantize to INT8 (converter.quantize)
+    keep_overridable_initializers: bool = False  # initializers also listed as graph inputs stay non-constant
 
     def __post_init__(self) -> None:
         if self.bn not in BN_MODES:
@@ -57,9 +58,9 @@ class Options:
         if self.int8 is not None:
             self.int8.check(self.inputs, self.fp16)
 
-    def tolerances(self) -> tuple[float, float]:
-        """(atol, rtol) of the ONNX Runtime comparison."""
-        atol, rtol = TOLERANCES["float16" if self.fp16 else "float32"]
+    def tolerances(self, float16_model: bool = False) -> tuple[float, float]:
+        """(atol, rtol) of the ONNX Runtime comparison (the float16 ones for a float16 result or model)."""
+        atol, rtol = TOLERANCES["float16" if self.fp16 or float16_model else "float32"]
         return (atol if self.atol is None else self.atol, rtol if self.rtol is None else self.rtol)
 
     def framework_tolerances(self, default: tuple[float, float]) -> tuple[float, float]:

@@ -17,8 +17,9 @@ from typing import Any
 
 from onnx import ModelProto
 
-from converter import frontends, modelio
-from converter.core import ConversionResult, Source, run
+from converter import frontends, modelio, quantize
+from converter.core import ConversionResult, Source
+from converter.core import run as fold_and_verify
 from converter.errors import InputError
 from converter.frontends import tensorflow, torch
 from converter.options import BN_MODES, Options
@@ -67,12 +68,15 @@ def convert(
     random: bool = True,
     trace: bool = False,
     int8: bool | Int8Options = False,
+    keep_overridable_initializers: bool = False,
 ) -> ConversionResult:
     """Convert a model (a ModelProto, left untouched, or a path) in memory.
 
     ``inputs``: sample files (``.npz``, a directory of ``.npy``/``.npz``, V2 request ``.json``) that
     verification also runs on, one sample at a time; ``random=False`` skips the seeded random inputs.
-    ``trace``: look for the first diverging node even when verification passes. ``int8``: then quantize to INT8,
+    ``trace``: look for the first diverging node even when verification passes.
+    ``keep_overridable_initializers``: initializers also listed as graph inputs stay inputs (not constants);
+    by default they are read as weights and removed from the inputs. ``int8``: then quantize to INT8,
     calibrating on ``inputs`` and proving the result on held-out ones (True, or :class:`Int8Options`;
     :mod:`converter.quantize`).
 
@@ -83,13 +87,20 @@ def convert(
     phases = Phases()
     with phases("load"):
         if isinstance(model, ModelProto):
-            modelio.check(model)
-            original, name = model, None
+            src = _memory_source(model)
         else:
             loaded = modelio.load(model)
-            original, name = loaded.model, str(loaded.path)
-    src = Source(_copy(original), name, original, "the original model", lambda: original)
+            original = loaded.model
+            src = Source(_copy(original), str(loaded.path), original, "the original model", lambda: original)
+            src.notes.extend(loaded.notes)
     return run(src, options, phases)
+
+
+def _memory_source(model: ModelProto) -> Source:
+    """A ModelProto to convert: a checked copy (sorted when its nodes are out of order); the model is untouched."""
+    copy = _copy(model)
+    notes = modelio.check_sorted(copy)
+    return Source(copy, None, model, "the original model", lambda: model, notes=notes)
 
 
 def convert_file(
@@ -123,8 +134,7 @@ def inspect_model(src: str | os.PathLike[str] | ModelProto, options: Options | N
     options = replace(options, verify=bool(options.inputs) or options.trace)
     phases = Phases()
     if isinstance(src, ModelProto):
-        modelio.check(src)
-        source = Source(_copy(src), None, src, "the original model", lambda: src)
+        source = _memory_source(src)
     else:
         source, options = _file_source(Path(src), options, phases)
     report = run(source, options, phases).report
@@ -148,6 +158,7 @@ def _file_source(path: Path, options: Options, phases: Phases) -> tuple[Source, 
             path,
             "the original model",
             lambda: modelio.load(path).model,
+            notes=loaded.notes,
             external_data=loaded.external_data,
         )
         return src, options
@@ -224,3 +235,11 @@ def convert_keras(
         modelio.check(exported.model, "the Keras model (exported to ONNX)")
     options = replace(options, input_shapes=exported.input_shapes)
     return run(tensorflow.source(exported, f"<{exported.kind} {type(model).__name__}>"), options, phases)
+
+
+def run(src: Source, options: Options, phases: Phases, dst: Path | None = None) -> ConversionResult:
+    """The core (:func:`converter.core.run`); with ``options.int8``, the core then INT8
+    (:func:`converter.quantize.run`)."""
+    if options.int8 is not None:
+        return quantize.run(src, options, phases, dst)
+    return fold_and_verify(src, options, phases, dst)

@@ -18,28 +18,23 @@ from __future__ import annotations
 import contextlib
 import logging
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 from onnx import ModelProto
 
-from converter import inputs, modelio, quant_report
+from converter import core, inputs, modelio, quant_report
+from converter.core import ConversionResult, Source
 from converter.errors import ConversionError, InputError, VerificationError, first_line
 from converter.options import Options
 from converter.quant_options import HOLD_OUT_EVERY, RANDOM_SAMPLES, Int8Options
 from converter.quant_report import Int8Report
 from converter.timing import Phases
 from converter.verify import Feeds, InputSet, ModelSource, random_inputs, resolve_shapes, session
-
-if TYPE_CHECKING:
-    from converter.core import ConversionResult, Source
-
-    Fold = Callable[[Source, Options, Phases], ConversionResult]
 
 log = logging.getLogger("bnfold.converter")
 
@@ -53,15 +48,15 @@ QUANTIZED_OPS = frozenset(
 FEW_CALIBRATION_SAMPLES = 50
 
 
-def run(src: Source, options: Options, phases: Phases, dst: Path | None, fold: Fold) -> ConversionResult:
-    """``fold`` (:func:`converter.core.run`: fold and verify the fold, in memory), then quantize, prove, write."""
+def run(src: Source, options: Options, phases: Phases, dst: Path | None) -> ConversionResult:
+    """The fold (:func:`converter.core.run`: fold and verify the fold, in memory), then quantize, prove, write."""
     int8 = options.int8
     assert int8 is not None
     already = describe(src.model)
     if already is not None:
         raise InputError(f"the model is already quantized ({already}); INT8 quantization needs a float model")
     calibration, proof = _sample_sets(src.model, options, int8, phases)
-    folded = fold(src, replace(options, int8=None), phases)
+    folded = core.run(src, replace(options, int8=None), phases)
     report = folded.report
     model = folded.model
     if calibration is None or proof is None:  # random calibration: the folded model fixes the shapes

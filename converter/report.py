@@ -12,6 +12,7 @@ import numpy as np
 from onnx import ModelProto
 
 from converter.affine import FoldKind
+from converter.graph import all_graphs
 from converter.quant_report import Int8Report
 from converter.readiness import WeightStats
 from converter.trace import Trace
@@ -52,13 +53,17 @@ class Counts:
 
     @classmethod
     def of(cls, model: ModelProto) -> Counts:
-        params = sum(int(np.prod(t.dims, dtype=np.int64)) for t in model.graph.initializer)
-        for node in model.graph.node:
-            if node.op_type == "Constant":
-                for attr in node.attribute:
-                    if attr.name == "value":
-                        params += int(np.prod(attr.t.dims, dtype=np.int64))
-        bns = sum(1 for n in model.graph.node if n.op_type == "BatchNormalization")
+        """Nodes, parameters (initializers and Constant values) and BatchNorms; If/Loop/Scan bodies count too
+        (nodes: the main graph's)."""
+        params = bns = 0
+        for graph in all_graphs(model.graph):
+            params += sum(int(np.prod(t.dims, dtype=np.int64)) for t in graph.initializer)
+            for node in graph.node:
+                bns += node.op_type == "BatchNormalization"
+                if node.op_type == "Constant":
+                    for attr in node.attribute:
+                        if attr.name == "value":
+                            params += int(np.prod(attr.t.dims, dtype=np.int64))
         return cls(nodes=len(model.graph.node), parameters=params, batchnorms=bns)
 
 
@@ -144,6 +149,7 @@ class Report:
     int8: Int8Report | None = None  # the INT8 quantization after the fold, and its proof
     seconds: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    initializer_inputs: list[str] = field(default_factory=list)  # listed as graph inputs too; read as constants
 
     @property
     def folded(self) -> list[LayerRecord]:

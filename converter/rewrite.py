@@ -8,7 +8,7 @@ fold's record carries the float64 statistics of the weights it wrote (:mod:`conv
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from onnx import ModelProto
@@ -16,7 +16,7 @@ from onnx import ModelProto
 from converter import bn_modes, precision, readiness, rules
 from converter.bn_modes import DEFAULT_EPSILON
 from converter.folding import cast_exact
-from converter.graph import Graph, attribute, display_name
+from converter.graph import Graph, all_graphs, attribute, display_name
 from converter.options import Options
 from converter.report import TRAINING_NOTE, LayerRecord
 from converter.shapes import ValueInfo
@@ -38,7 +38,27 @@ def rewrite(model: ModelProto, options: Options) -> Rewrite:
     g = Graph(model)
     shapes = options.input_shapes if isinstance(options.input_shapes, Mapping) else None
     info = ValueInfo(model, shapes)
+    declared = info if shapes is None else ValueInfo(model)  # Shape/Size fold only on the model's own static dims
+    g.static_shape, g.elem_type = declared.shape, declared.elem_type
+    g.settle_metadata_reads()
     cast = readiness.Recorder(precision.fp16_cast if options.fp16 else cast_exact)
+    layers = _rewrite_bodies(g, info, cast, options)
+    if layers:
+        g.reindex()  # the bodies changed what they read from this graph
+    layers.update(_rewrite_graph(g, info, cast, options))
+    g.prune()
+    g.commit()
+    _drop_stale_value_info(model)
+    if options.fp16:
+        precision.check_range(g)
+        model = precision.to_fp16(model, keep_io_types=not options.fp16_io)
+    return Rewrite(model, list(layers.values()))
+
+
+def _rewrite_graph(
+    g: Graph, info: ValueInfo, cast: readiness.Recorder, options: Options, prefix: str = ""
+) -> dict[str, LayerRecord]:
+    """Normalise, fold and keep (or make affine) the BatchNorms of one graph; records named ``prefix + name``."""
     layers: dict[str, LayerRecord] = {}
     for bn in bn_modes.find(g):
         record = LayerRecord(bn.name, "BatchNormalization", "kept", output=bn.output)
@@ -63,13 +83,30 @@ def rewrite(model: ModelProto, options: Options) -> Rewrite:
                 record.action, record.reason = "affine", None
             else:
                 record.reason = why_not
-    g.prune()
-    g.commit()
-    _drop_stale_value_info(model)
-    if options.fp16:
-        precision.check_range(g)
-        model = precision.to_fp16(model, keep_io_types=not options.fp16_io)
-    return Rewrite(model, list(layers.values()))
+    if not prefix:
+        return layers
+    return {prefix + name: replace(record, name=prefix + record.name) for name, record in layers.items()}
+
+
+def _rewrite_bodies(g: Graph, info: ValueInfo, cast: readiness.Recorder, options: Options) -> dict[str, LayerRecord]:
+    """The same rewrite inside every If/Loop/Scan body of ``g`` (innermost first), each body folded on its own:
+    a fold never crosses a body's border. Records are named ``node/attribute/BN``."""
+    layers: dict[str, LayerRecord] = {}
+    for _, node in list(g.live_nodes()):
+        for attr in node.attribute:
+            for sub in [attr.g] if attr.HasField("g") else list(attr.graphs):
+                body = Graph(g.model, sub, outer=g)
+                body.static_shape, body.elem_type = g.static_shape, g.elem_type
+                body.settle_metadata_reads()
+                prefix = f"{display_name(node)}/{attr.name}/"
+                inner = _rewrite_bodies(body, info, cast, options)
+                if inner:
+                    body.reindex()
+                layers.update({prefix + k: replace(r, name=prefix + r.name) for k, r in inner.items()})
+                layers.update(_rewrite_graph(body, info, cast, options, prefix))
+                body.prune()
+                body.commit()
+    return layers
 
 
 def _variance(g: Graph, bn: bn_modes.BatchNormNode, record: LayerRecord) -> None:
@@ -129,9 +166,9 @@ def _fold_all(g: Graph, info: ValueInfo, cast: readiness.Recorder, layers: dict[
 
 
 def _drop_stale_value_info(model: ModelProto) -> None:
-    """Remove value_info entries of values that no longer exist (a producer's renamed output)."""
-    g = model.graph
-    alive = {o for n in g.node for o in n.output} | {i.name for i in g.input}
-    stale = [vi for vi in g.value_info if vi.name not in alive]
-    for vi in stale:
-        g.value_info.remove(vi)
+    """Remove value_info entries of values that no longer exist (a producer's renamed output), in every graph."""
+    for g in all_graphs(model.graph):
+        alive = {o for n in g.node for o in n.output} | {i.name for i in g.input}
+        stale = [vi for vi in g.value_info if vi.name not in alive]
+        for vi in stale:
+            g.value_info.remove(vi)

@@ -124,7 +124,8 @@ class Rule:
         what = f"{core_node.op_type} {display_name(core_node)}"
         weight = g.constant(core_node.input[1]) if len(core_node.input) > 1 else None
         if weight is None:
-            return Skip(f"the weight of {what} is not a constant")
+            why = g.why_not_constant(core_node.input[1]) if len(core_node.input) > 1 else "it has none"
+            return Skip(f"the weight of {what} is not a constant ({why})")
         if np.dtype(weight.dtype) not in FOLDABLE_DTYPES:
             return Skip(f"the weight of {what} is {weight.dtype}, not a foldable float type")
         channels = self.check(g, core_node, weight, info, bool(via))
@@ -145,7 +146,8 @@ class Rule:
         if len(node.input) > self.bias_input and node.input[self.bias_input]:
             bias = g.constant(node.input[self.bias_input])
             if bias is None:
-                return Skip(f"the bias of {node.op_type} {display_name(node)} is not a constant")
+                why = g.why_not_constant(node.input[self.bias_input])
+                return Skip(f"the bias of {node.op_type} {display_name(node)} is not a constant ({why})")
             return producer, bias, {}
         return producer, None, {}
 
@@ -322,6 +324,8 @@ def match_backward(
     """The fold of ``affine`` into the node(s) producing its input, or why there is none."""
     producer = g.producer(affine.input)
     if producer is None:
+        if g.outer is not None and affine.input not in g.inputs:  # an If/Loop body reading the enclosing graph
+            return Skip("its input comes from the graph enclosing its If/Loop/Scan body; folds stay inside a body")
         return Skip("its input is a graph input, not produced by a node")
     node = g.node(producer)
     if node.domain not in ("", "ai.onnx"):

@@ -13,6 +13,8 @@ import onnx
 from numpy.typing import NDArray
 from onnx import ModelProto, TensorProto
 
+from converter.graph import all_graphs
+
 #: Casts a float64 result to the dtype a value is stored in; the third argument names the layer for errors.
 Cast = Callable[[NDArray[np.float64], "np.dtype[np.floating] | type[np.floating]", str], NDArray[np.floating]]
 
@@ -57,10 +59,10 @@ class ValueInfo:
             inferred = onnx.shape_inference.infer_shapes(sk, strict_mode=False, data_prop=True)
         except Exception:  # inference is advisory: values it cannot type simply stay unknown
             inferred = sk
-        g = inferred.graph
-        for vi in [*g.input, *g.value_info, *g.output]:
-            if vi.type.HasField("tensor_type"):
-                self._types[vi.name] = vi.type
+        for g in all_graphs(inferred.graph):  # subgraph (If/Loop/Scan body) values too: names are model-wide
+            for vi in [*g.input, *g.value_info, *g.output]:
+                if vi.type.HasField("tensor_type") and vi.name not in self._types:
+                    self._types[vi.name] = vi.type
         for t in model.graph.initializer:
             tp = onnx.helper.make_tensor_type_proto(t.data_type, list(t.dims))
             self._types.setdefault(t.name, tp)

@@ -108,8 +108,10 @@ def test_weight_through_transpose_folds_with_the_closed_form_and_the_transpose_i
     assert close(run(result.model, {"x": x})[0], run(m, {"x": x})[0])
 
 
-def test_an_initializer_that_is_also_a_graph_input_stays_non_constant_through_an_expression() -> None:
+def test_an_overridable_initializer_kept_as_asked_stays_non_constant_through_an_expression() -> None:
     m, _ = linear_bn(weight_is_input=True)
-    result = convert(m)
+    result = convert(m, keep_overridable_initializers=True)
     (record,) = result.report.layers
     assert record.action == "kept" and "weight of MatMul fc is not a constant" in str(record.reason)
+    assert "kept overridable (keep_overridable_initializers)" in str(record.reason)
+    assert convert(m).report.layers[0].action == "folded"  # by default it is the weight it is

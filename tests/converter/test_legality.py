@@ -126,11 +126,25 @@ def test_non_constant_batchnorm_parameters_are_kept() -> None:
     assert "not constants" in kept_reason(result)
 
 
-def test_initializer_that_is_also_an_input_is_overridable_so_not_constant() -> None:
+def test_initializer_that_is_also_an_input_is_a_weight_by_default_and_leaves_the_inputs() -> None:
     m = model([conv(), bn_node("c", "y")], [("x", [1, 2, 5, 5])], ["y"], [tensor("W", W), *bn_initializers(P)])
     m.graph.input.append(helper.make_tensor_value_info("W", TensorProto.FLOAT, [3, 2, 3, 3]))
     result = convert(m)
-    assert "not a constant" in kept_reason(result)
+    assert result.report.layers[0].action == "folded"
+    assert [i.name for i in result.model.graph.input] == ["x"]
+    assert result.report.initializer_inputs == ["W"]
+    assert any("1 initializer(s) also listed as graph inputs" in n and "(W)" in n for n in result.report.notes)
+    equal_outputs(m, result.model, {"x": X})
+
+
+def test_initializer_that_is_also_an_input_stays_overridable_when_asked() -> None:
+    m = model([conv(), bn_node("c", "y")], [("x", [1, 2, 5, 5])], ["y"], [tensor("W", W), *bn_initializers(P)])
+    m.graph.input.append(helper.make_tensor_value_info("W", TensorProto.FLOAT, [3, 2, 3, 3]))
+    result = convert(m, keep_overridable_initializers=True)
+    reason = kept_reason(result)
+    assert "the weight of Conv conv is not a constant ('W' is an initializer also listed as a graph input" in reason
+    assert [i.name for i in result.model.graph.input] == ["x", "W"]
+    assert result.report.initializer_inputs == []
 
 
 def test_weight_from_a_graph_input_is_not_folded() -> None:
@@ -292,7 +306,7 @@ def test_unsupported_weight_dtype_is_kept() -> None:
     assert "bfloat16" in kept_reason(result) or "not a foldable" in kept_reason(result)
 
 
-def test_batchnorm_inside_a_subgraph_is_left_and_the_report_says_so() -> None:
+def test_batchnorm_inside_an_if_branch_folds_there_and_the_other_branch_keeps_the_shared_weight() -> None:
     def branch(name: str, nodes: list[object], out: str, inits: list[TensorProto]) -> object:
         value = helper.make_tensor_value_info(out, TensorProto.FLOAT, [1, 3, 5, 5])
         return helper.make_graph(nodes, name, [], [value], initializer=inits)
@@ -307,7 +321,9 @@ def test_batchnorm_inside_a_subgraph_is_left_and_the_report_says_so() -> None:
     )
     m.graph.input[0].type.tensor_type.elem_type = TensorProto.BOOL
     result = convert(m)
-    assert result.report.layers == []
-    assert any("1 BatchNormalization node(s) inside If/Loop/Scan bodies" in n for n in result.report.notes)
+    (record,) = result.report.layers
+    assert (record.name, record.action, record.into) == ("If(y)/then_branch/bn", "folded", "Conv conv")
+    assert result.report.after is not None and result.report.after.batchnorms == 0
+    assert [t.name for t in result.model.graph.initializer] == ["W"]  # the else branch still reads it
     for cond in (True, False):
         equal_outputs(m, result.model, {"cond": np.array(cond), "x": X})

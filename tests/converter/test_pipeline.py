@@ -33,6 +33,7 @@ def test_convert_hands_each_keyword_to_the_options(monkeypatch: pytest.MonkeyPat
         "seed": 7,
         "random": False,
         "trace": True,
+        "keep_overridable_initializers": True,
     }
     convert(zoo.FOLD_CASES[0].build(), inputs=[Path("samples.npz")], **given)
     assert seen == [Options(inputs=("samples.npz",), **given)]
