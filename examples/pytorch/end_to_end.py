@@ -1,6 +1,6 @@
 """PyTorch end to end: train a small CNN with BatchNorm, save it as TorchScript, fold it with bnfold, serve it.
 
-    python -m examples.pytorch.end_to_end                 # needs: pip install "bnfold[torch]" (and httpx to query)
+    python -m examples.pytorch.end_to_end                 # needs: pip install ".[torch]" (and httpx to query)
     python -m examples.pytorch.end_to_end --no-serve      # stop after converting
 
 1. Synthetic "shapes" data (1×16×16 images of 4 classes: horizontal bars, vertical bars, a diagonal cross, a

@@ -1,6 +1,6 @@
 """TensorFlow end to end: a hand-written BatchNorm, trained, saved, folded with bnfold, served.
 
-    python -m examples.tensorflow.end_to_end              # needs: pip install "bnfold[tensorflow]" (httpx to query)
+    python -m examples.tensorflow.end_to_end              # needs: pip install ".[tensorflow]" (httpx to query)
     python -m examples.tensorflow.end_to_end --no-serve   # stop after converting
 
 1. Synthetic bars (12×12×1 NHWC images, horizontal or vertical), seeded, so no download is needed.
