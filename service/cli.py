@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.metadata
 import logging
 import logging.config
 import os
 import signal
 import sys
+import tomllib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,10 +28,23 @@ STARTUP_FAILED = 3
 log = logging.getLogger("bnfold.service")
 
 
+def version() -> str:
+    """bnfold's version: the installed package's metadata, else (a clone run without installing) pyproject.toml's."""
+    try:
+        return importlib.metadata.version("bnfold")
+    except importlib.metadata.PackageNotFoundError:
+        pyproject = Path(__file__).resolve().parent.parent / "pyproject.toml"
+        try:
+            return str(tomllib.loads(pyproject.read_text())["project"]["version"])
+        except (OSError, KeyError, tomllib.TOMLDecodeError):
+            return "unknown"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bnfold", description="Fold BatchNorm into ONNX weights, prove it exact, and serve the result."
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{convert,inspect,serve}")
     converter_cli.add_commands(sub)
     serve = sub.add_parser(
