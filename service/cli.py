@@ -1,7 +1,8 @@
 """The ``bnfold`` command: ``serve`` lives here; ``convert`` and ``inspect`` come from the converter.
 
 ``bnfold serve`` exit codes: 0 after a clean shutdown (SIGTERM or Ctrl-C included), 2 for bad settings, 3 when
-start-up fails (for instance the ``strict`` provider policy and a requested provider that is not active).
+start-up fails (for instance the ``strict`` provider policy and a requested provider that is not active, or the
+HTTP or gRPC port taken by another server: checked before any model loads).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import logging
 import logging.config
 import os
 import signal
+import socket
 import sys
 import tomllib
 from collections.abc import Sequence
@@ -116,7 +118,42 @@ def _run_serve(args: argparse.Namespace) -> int:
     if settings.model is None and not settings.model_repository.is_dir():
         sys.stderr.write(f"bnfold: error: {settings.model_repository}: model repository not found\n")
         return 2
+    taken = taken_port(settings)
+    if taken is not None:
+        sys.stderr.write(f"bnfold: error: {taken}\n")
+        return STARTUP_FAILED
     return serve(settings, overrides)
+
+
+def taken_port(settings: Settings) -> str | None:
+    """Why ``bnfold serve`` cannot listen where the settings say (a port another process holds: a second server on
+    the same machine), or None. Checked before the models load, so the server never announces readiness first."""
+    ports = [("gRPC", settings.grpc_port, "--grpc-port (0 turns gRPC off)"), ("HTTP", settings.port, "--port")]
+    if settings.port and settings.port == settings.grpc_port:
+        return f"HTTP and gRPC cannot share port {settings.port}: choose another with --port or --grpc-port"
+    for transport, port, flag in ports:
+        if port == 0:
+            continue
+        problem = _cannot_listen(settings.host, port)
+        if problem is not None:
+            return f"{transport} cannot listen on {settings.host}:{port} ({problem}): choose another port with {flag}"
+    return None
+
+
+def _cannot_listen(host: str, port: int) -> str | None:
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+    except OSError:
+        return None  # an unresolvable host: the server's own bind says so
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers bind: TIME_WAIT is no clash
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            return (exc.strerror or str(exc)).lower()
+    return None
 
 
 def serve(settings: Settings, overrides: dict[str, Any] | None = None) -> int:
