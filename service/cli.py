@@ -68,6 +68,18 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", "--http-port", type=int, help="HTTP port (default 8000)")
     serve.add_argument("--workers", type=int, help="server processes (default 1)")
     serve.add_argument("--grpc-port", type=int, help="V2 gRPC port (default 8001; 0: no gRPC)")
+    serve.add_argument(
+        "--model-control-mode",
+        choices=("none", "explicit"),
+        help="none: load every model at start (default); explicit: only --load-model ones, then what the "
+        "repository API loads",
+    )
+    serve.add_argument(
+        "--load-model",
+        action="append",
+        metavar="NAME",
+        help="with --model-control-mode explicit: a model to load at start (repeatable; '*': all)",
+    )
     serve.set_defaults(run=_run_serve)
     return parser
 
@@ -95,13 +107,16 @@ def _run_serve(args: argparse.Namespace) -> int:
         "port": args.port,
         "workers": args.workers,
         "grpc_port": args.grpc_port,
+        "model_control_mode": args.model_control_mode,
+        "load_models": args.load_model,
     }
     try:
         settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
-        sys.stderr.write(f"bnfold: error: setting {where}: {first['msg']}\n")
+        message = first["msg"].removeprefix("Value error, ")
+        sys.stderr.write(f"bnfold: error: setting {where}: {message}\n" if where else f"bnfold: error: {message}\n")
         return 2
     if settings.model is not None:
         from service.errors import ModelLoadError  # noqa: PLC0415
@@ -189,7 +204,7 @@ def serve(settings: Settings, overrides: dict[str, Any] | None = None) -> int:
         # worker processes build their own app from the environment: pass the flags on through it
         for key, value in (overrides or {}).items():
             if value is not None:
-                os.environ[f"BNFOLD_{key.upper()}"] = str(value)
+                os.environ[f"BNFOLD_{key.upper()}"] = ",".join(value) if isinstance(value, list) else str(value)
         uvicorn.run("service.server:create_app", factory=True, workers=settings.workers, **common)
         return 0
     from service.server import create_app  # noqa: PLC0415

@@ -7,6 +7,7 @@ request against the model in :mod:`service.runtime.validation`, shaping the outp
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,11 +51,33 @@ class LoadedModel:
     inputs_by_name: dict[str, TensorSpec] = field(init=False)
     outputs_by_name: dict[str, TensorSpec] = field(init=False)
     output_names: list[str] = field(init=False)
+    in_flight: int = field(default=0, init=False)  # admitted requests not yet answered (event loop only)
+    _drained: list[asyncio.Future[None]] = field(default_factory=list, init=False)
 
     def __post_init__(self) -> None:
         self.inputs_by_name = {t.name: t for t in self.inputs}
         self.outputs_by_name = {t.name: t for t in self.outputs}
         self.output_names = [t.name for t in self.outputs]
+
+    def enter(self) -> None:
+        """A request for this version was admitted (the dataplane's admission, on the event loop)."""
+        self.in_flight += 1
+
+    def leave(self) -> None:
+        """That request was answered (or failed); the last one out wakes :meth:`drained`."""
+        self.in_flight -= 1
+        if self.in_flight == 0:
+            for waiter in self._drained:
+                if not waiter.done():
+                    waiter.set_result(None)
+            self._drained.clear()
+
+    async def drained(self) -> None:
+        """Return once no admitted request of this version is in flight (an unload waits for this)."""
+        if self.in_flight > 0:
+            waiter = asyncio.get_running_loop().create_future()
+            self._drained.append(waiter)
+            await waiter
 
     @property
     def provider(self) -> str:
