@@ -96,7 +96,9 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(
         8,
         ge=1,
-        description="With `BNFOLD_DYNAMIC_BATCHING`: largest batch for models whose config sets no `max_batch_size`.",
+        description="Largest batch (first dimension) of a model whose config.json sets no `max_batch_size` and whose "
+        "inputs and outputs all have a dynamic first dimension (Triton's auto-completed `default-max-batch-size`); "
+        "with dynamic first dimensions on the inputs only, 1. Also the batch `BNFOLD_DYNAMIC_BATCHING` joins up to.",
     )
     max_queue_delay_microseconds: int = Field(
         0,
