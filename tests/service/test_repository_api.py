@@ -232,3 +232,19 @@ def test_model_control_settings_that_contradict_each_other_are_refused(
     assert capsys.readouterr().err == (
         "bnfold: error: explicit model control loads only what it is asked to: it polls no repository\n"
     )
+
+
+def test_load_and_unload_need_one_worker_and_no_model_in_the_request(repo: Path) -> None:
+    """With several worker processes each has its own models: a load or unload would reach one of them."""
+    with in_process(model_repository=repo, workers=2) as server:
+        c = client(server)
+        for call in (c.load_model, c.unload_model):
+            with pytest.raises(InferenceServerException, match="need one worker process") as exc:
+                call("scale")
+            assert exc.value.status() == "400"
+        assert len(c.get_model_repository_index()) == 3
+    with in_process(model_repository=repo) as server:
+        c = client(server)
+        with pytest.raises(InferenceServerException, match=r"only from its repository: parameter\(s\) config") as exc:
+            c.load_model("scale", config='{"max_batch_size": 4}')
+        assert exc.value.status() == "400"
