@@ -221,8 +221,13 @@ _SCRATCH: list[Path] = []
 def _remove_at_exit(folder: Path) -> None:
     """Remove ``folder`` when this process exits (its server's log stays readable until then, after a stop too)."""
     if not _SCRATCH:
-        atexit.register(lambda: [shutil.rmtree(f, ignore_errors=True) for f in _SCRATCH])
+        atexit.register(_remove_scratch)
     _SCRATCH.append(folder)
+
+
+def _remove_scratch() -> None:
+    for folder in _SCRATCH:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 @contextlib.contextmanager
