@@ -4,9 +4,9 @@
 >>> result = convert("model.onnx")            # doctest: +SKIP
 >>> print(result.report.to_text())            # doctest: +SKIP
 
-PyTorch in (needs ``pip install "bnfold[torch]"``): ``convert_torch(module, example_inputs)``, or a TorchScript /
+PyTorch in (needs ``pip install ".[torch]"``): ``convert_torch(module, example_inputs)``, or a TorchScript /
 torch.export file given to :func:`convert_file` or ``bnfold convert``. TensorFlow in (needs
-``pip install "bnfold[tensorflow]"``): ``convert_keras(model, input_signature)``, or a ``.keras``/``.h5`` file or
+``pip install ".[tensorflow]"``): ``convert_keras(model, input_signature)``, or a ``.keras``/``.h5`` file or
 SavedModel folder. INT8 after the fold: ``convert(..., int8=True, inputs=[samples])`` (docs/quantization.md).
 """
 

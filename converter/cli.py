@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import logging
 import os
 import signal
@@ -24,7 +25,7 @@ from pathlib import Path
 from types import FrameType
 
 from converter import frontends, quant_options
-from converter.errors import ConversionError, InputError, VerificationError
+from converter.errors import ConversionError, InputError, VerificationError, first_line
 from converter.frontends import torch
 from converter.modelio import staged
 from converter.options import BN_MODES, Options
@@ -96,6 +97,14 @@ def _common(p: argparse.ArgumentParser) -> None:
         "(default: they are weights, folded and removed from the inputs)",
     )
     p.add_argument(
+        "--import",
+        dest="imports",
+        action="append",
+        metavar="MODULE",
+        help="import this Python module (a name importable from the current directory, or a .py file) before "
+        "loading the model: the module that registers a Keras model's custom layers (repeatable)",
+    )
+    p.add_argument(
         "--trace",
         action="store_true",
         help="name the first node whose output differs between original and converted, even when verification "
@@ -145,6 +154,26 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     _common(insp)
     insp.add_argument("--json", action="store_true", help="print the report as JSON")
     insp.set_defaults(run=_run_inspect)
+
+
+def import_modules(names: Sequence[str]) -> None:
+    """``--import``: run each module (``pkg.mod`` from the current directory or the path, or a ``.py`` file) as
+    ``python -m`` would find it, so that what it registers (Keras custom layers) exists before the model loads."""
+    for name in names:
+        module = name
+        if name.endswith(".py"):
+            path = Path(name)
+            if not path.is_file():
+                raise InputError(f"--import {name}: no such file")
+            folder, module = str(path.resolve().parent), path.stem
+        else:
+            folder = os.getcwd()
+        if folder not in sys.path:
+            sys.path.insert(0, folder)
+        try:
+            importlib.import_module(module)
+        except Exception as exc:
+            raise InputError(f"--import {name}: {type(exc).__name__}: {first_line(exc)}") from None
 
 
 def _options(args: argparse.Namespace, verify: bool) -> Options:
@@ -207,6 +236,7 @@ def _convert(args: argparse.Namespace) -> int:
     if args.output is None and not args.in_place:
         raise InputError("give an output file with -o OUT, or --in-place to overwrite the input")
     options = _options(args, verify=not args.no_verify)
+    import_modules(args.imports or ())
     src = Path(args.input)
     if args.output is not None and not args.in_place:
         out = Path(args.output)
@@ -228,8 +258,10 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 def _run_inspect(args: argparse.Namespace) -> int:
+    options = _options(args, verify=True)
+    import_modules(args.imports or ())
     try:
-        report = inspect_model(args.input, _options(args, verify=True))
+        report = inspect_model(args.input, options)
     except VerificationError as exc:
         if isinstance(exc.report, Report):
             sys.stdout.write(exc.report.to_json() if args.json else exc.report.to_text())

@@ -109,8 +109,10 @@ def convert_file(
     options: Options,
     *,
     in_place: bool = False,
+    custom_objects: Mapping[str, Any] | None = None,
 ) -> Report:
-    """Convert ``src`` into ``dst`` (or into ``src`` itself with ``in_place``), atomically."""
+    """Convert ``src`` into ``dst`` (or into ``src`` itself with ``in_place``), atomically. ``custom_objects``:
+    ``{name: class}`` for the custom layers of a Keras file that are not registered in this process."""
     phases = Phases()
     src_path = Path(src)
     if dst is None:
@@ -123,20 +125,25 @@ def convert_file(
             raise InputError(f"{dst_path}: refusing to overwrite the input unless converting in place")
     if in_place and frontends.recognise(src_path) is not None:
         raise InputError(f"{src_path}: converting in place needs an ONNX input; give an output file (.onnx)")
-    source, options = _file_source(src_path, options, phases)
+    source, options = _file_source(src_path, options, phases, custom_objects)
     return run(source, options, phases, dst_path).report
 
 
-def inspect_model(src: str | os.PathLike[str] | ModelProto, options: Options | None = None) -> Report:
+def inspect_model(
+    src: str | os.PathLike[str] | ModelProto,
+    options: Options | None = None,
+    *,
+    custom_objects: Mapping[str, Any] | None = None,
+) -> Report:
     """What a conversion would do, without writing anything; verified (in memory) only when ``options`` give
-    sample ``inputs`` or ask for a ``trace``."""
+    sample ``inputs`` or ask for a ``trace``. ``custom_objects``: as for :func:`convert_file`."""
     options = options or Options()
     options = replace(options, verify=bool(options.inputs) or options.trace)
     phases = Phases()
     if isinstance(src, ModelProto):
         source = _memory_source(src)
     else:
-        source, options = _file_source(Path(src), options, phases)
+        source, options = _file_source(Path(src), options, phases, custom_objects)
     report = run(source, options, phases).report
     report.seconds = {}
     report.notes.append(
@@ -145,9 +152,11 @@ def inspect_model(src: str | os.PathLike[str] | ModelProto, options: Options | N
     return report
 
 
-def _file_source(path: Path, options: Options, phases: Phases) -> tuple[Source, Options]:
+def _file_source(
+    path: Path, options: Options, phases: Phases, custom_objects: Mapping[str, Any] | None = None
+) -> tuple[Source, Options]:
     """An ONNX file as it is, or a PyTorch or TensorFlow file exported to ONNX by its front end (with that
-    framework as a second reference)."""
+    framework as a second reference). ``custom_objects``: Keras's, for a Keras file's unregistered layers."""
     recognised = frontends.recognise(path)  # recognises the file without importing any framework
     if recognised is None:
         with phases("load"):
@@ -164,7 +173,12 @@ def _file_source(path: Path, options: Options, phases: Phases) -> tuple[Source, 
         return src, options
     frontend, kind = recognised
     with phases("export"):
-        exported = frontend.export_file(path, kind, options.input_shapes, options.seed)
+        if custom_objects is not None:
+            if frontend is not tensorflow:
+                raise InputError(f"{path}: custom_objects are Keras's, and this is not a Keras file")
+            exported = tensorflow.export_file(path, kind, options.input_shapes, options.seed, custom_objects)
+        else:
+            exported = frontend.export_file(path, kind, options.input_shapes, options.seed)
         modelio.check(exported.model, f"{path} (exported to ONNX)")
     return frontend.source(exported, str(path)), replace(options, input_shapes=exported.input_shapes)
 

@@ -1,18 +1,22 @@
 """The ``bnfold`` command: ``serve`` lives here; ``convert`` and ``inspect`` come from the converter.
 
 ``bnfold serve`` exit codes: 0 after a clean shutdown (SIGTERM or Ctrl-C included), 2 for bad settings, 3 when
-start-up fails (for instance the ``strict`` provider policy and a requested provider that is not active).
+start-up fails (for instance the ``strict`` provider policy and a requested provider that is not active, or the
+HTTP or gRPC port taken by another server: checked before any model loads).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.metadata
 import logging
 import logging.config
 import os
 import signal
+import socket
 import sys
+import tomllib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,10 +30,23 @@ STARTUP_FAILED = 3
 log = logging.getLogger("bnfold.service")
 
 
+def version() -> str:
+    """bnfold's version: the installed package's metadata, else (a clone run without installing) pyproject.toml's."""
+    try:
+        return importlib.metadata.version("bnfold")
+    except importlib.metadata.PackageNotFoundError:
+        pyproject = Path(__file__).resolve().parent.parent / "pyproject.toml"
+        try:
+            return str(tomllib.loads(pyproject.read_text())["project"]["version"])
+        except (OSError, KeyError, tomllib.TOMLDecodeError):
+            return "unknown"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bnfold", description="Fold BatchNorm into ONNX weights, prove it exact, and serve the result."
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{convert,inspect,serve}")
     converter_cli.add_commands(sub)
     serve = sub.add_parser(
@@ -51,6 +68,18 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", "--http-port", type=int, help="HTTP port (default 8000)")
     serve.add_argument("--workers", type=int, help="server processes (default 1)")
     serve.add_argument("--grpc-port", type=int, help="V2 gRPC port (default 8001; 0: no gRPC)")
+    serve.add_argument(
+        "--model-control-mode",
+        choices=("none", "explicit"),
+        help="none: load every model at start (default); explicit: only --load-model ones, then what the "
+        "repository API loads",
+    )
+    serve.add_argument(
+        "--load-model",
+        action="append",
+        metavar="NAME",
+        help="with --model-control-mode explicit: a model to load at start (repeatable; '*': all)",
+    )
     serve.set_defaults(run=_run_serve)
     return parser
 
@@ -78,13 +107,16 @@ def _run_serve(args: argparse.Namespace) -> int:
         "port": args.port,
         "workers": args.workers,
         "grpc_port": args.grpc_port,
+        "model_control_mode": args.model_control_mode,
+        "load_models": args.load_model,
     }
     try:
         settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
-        sys.stderr.write(f"bnfold: error: setting {where}: {first['msg']}\n")
+        message = first["msg"].removeprefix("Value error, ")
+        sys.stderr.write(f"bnfold: error: setting {where}: {message}\n" if where else f"bnfold: error: {message}\n")
         return 2
     if settings.model is not None:
         from service.errors import ModelLoadError  # noqa: PLC0415
@@ -101,7 +133,42 @@ def _run_serve(args: argparse.Namespace) -> int:
     if settings.model is None and not settings.model_repository.is_dir():
         sys.stderr.write(f"bnfold: error: {settings.model_repository}: model repository not found\n")
         return 2
+    taken = taken_port(settings)
+    if taken is not None:
+        sys.stderr.write(f"bnfold: error: {taken}\n")
+        return STARTUP_FAILED
     return serve(settings, overrides)
+
+
+def taken_port(settings: Settings) -> str | None:
+    """Why ``bnfold serve`` cannot listen where the settings say (a port another process holds: a second server on
+    the same machine), or None. Checked before the models load, so the server never announces readiness first."""
+    ports = [("gRPC", settings.grpc_port, "--grpc-port (0 turns gRPC off)"), ("HTTP", settings.port, "--port")]
+    if settings.port and settings.port == settings.grpc_port:
+        return f"HTTP and gRPC cannot share port {settings.port}: choose another with --port or --grpc-port"
+    for transport, port, flag in ports:
+        if port == 0:
+            continue
+        problem = _cannot_listen(settings.host, port)
+        if problem is not None:
+            return f"{transport} cannot listen on {settings.host}:{port} ({problem}): choose another port with {flag}"
+    return None
+
+
+def _cannot_listen(host: str, port: int) -> str | None:
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+    except OSError:
+        return None  # an unresolvable host: the server's own bind says so
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers bind: TIME_WAIT is no clash
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            return (exc.strerror or str(exc)).lower()
+    return None
 
 
 def serve(settings: Settings, overrides: dict[str, Any] | None = None) -> int:
@@ -137,7 +204,7 @@ def serve(settings: Settings, overrides: dict[str, Any] | None = None) -> int:
         # worker processes build their own app from the environment: pass the flags on through it
         for key, value in (overrides or {}).items():
             if value is not None:
-                os.environ[f"BNFOLD_{key.upper()}"] = str(value)
+                os.environ[f"BNFOLD_{key.upper()}"] = ",".join(value) if isinstance(value, list) else str(value)
         uvicorn.run("service.server:create_app", factory=True, workers=settings.workers, **common)
         return 0
     from service.server import create_app  # noqa: PLC0415

@@ -23,12 +23,13 @@ import logging
 import secrets
 import time
 import weakref
+from collections.abc import Mapping
 from types import TracebackType
 from typing import Any, TypeVar
 
-from service.errors import Busy, ClientGone, Internal, ServiceError, Unauthorized, Unavailable
+from service.errors import BadRequest, Busy, ClientGone, Internal, ServiceError, Unauthorized, Unavailable
 from service.metrics import Bound, Metrics
-from service.runtime import metadata
+from service.runtime import control, metadata
 from service.runtime.batcher import Batcher
 from service.runtime.model import LoadedModel
 from service.runtime.repository import Repository
@@ -63,7 +64,9 @@ class DataPlane:
 
     @property
     def ready(self) -> bool:
-        return self.started and not self.draining and self.repository.ready_count() > 0
+        """Started, not draining, and serving a model (explicit model control: serving is what the API loads)."""
+        serving = self.repository.ready_count() > 0 or self.settings.model_control_mode == "explicit"
+        return self.started and not self.draining and serving
 
     def authorize(self, credentials: bytes | None) -> None:
         """Constant-time check of an ``Authorization`` value (``Bearer <key>``) when BNFOLD_API_KEY is set."""
@@ -97,6 +100,38 @@ class DataPlane:
             return name, version, False
         return model.name, model.version, not self.draining
 
+    # ------------------------------------------------------------------------------------ repository
+    def model_names(self, credentials: bytes | None) -> list[str]:
+        """The models serving at least one version (KServe's ``GET /v2/models``)."""
+        self.authorize(credentials)
+        return sorted(name for name, state in self.repository.models.items() if state.ready)
+
+    def repository_index(self, ready_only: bool, credentials: bytes | None) -> list[dict[str, str]]:
+        self.authorize(credentials)
+        return control.index(self.repository, ready_only)
+
+    async def load_model(self, name: str, credentials: bytes | None, parameters: Mapping[str, object]) -> None:
+        """Triton's load may carry a model config or files to load instead of the repository's: not here."""
+        self._may_change(credentials)
+        given = sorted(k for k in parameters if k != "unload_dependents")
+        if given:
+            raise BadRequest(f"bnfold loads models only from its repository: parameter(s) {', '.join(given)} not taken")
+        await control.load(self.repository, name)
+
+    async def unload_model(self, name: str, credentials: bytes | None) -> None:
+        self._may_change(credentials)
+        await control.unload(self.repository, name)
+
+    def _may_change(self, credentials: bytes | None) -> None:
+        self.authorize(credentials)
+        if self.draining:
+            raise Unavailable("the server is shutting down")
+        if self.settings.workers > 1:
+            raise BadRequest(
+                f"loading and unloading need one worker process: each of the {self.settings.workers} has its own "
+                "models (BNFOLD_WORKERS=1, or repository polling)"
+            )
+
     # ------------------------------------------------------------------------------------ inference
     def compute_for(self, model: LoadedModel) -> Compute:
         """What runs this model's work: its batcher when it batches (made on first use), else the scheduler."""
@@ -119,6 +154,7 @@ class DataPlane:
         except Busy as exc:
             bound.failure(exc.kind).inc()
             raise
+        model.enter()  # an unload of this version waits until the request leaves
         return Admission(model, self.compute_for(model), self.scheduler, bound, transport, started)
 
 
@@ -160,6 +196,7 @@ class Admission:
         self, kind: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
     ) -> None:
         self.scheduler.release()
+        self.model.leave()
         bound, model = self.bound, self.model
         if exc is None:
             bound.success.inc()

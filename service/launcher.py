@@ -20,6 +20,7 @@ Two ways, both context managers that start the server, wait until it is ready, y
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import http.client
 import logging
@@ -173,6 +174,7 @@ def launch(
     name: str = "bnfold",
     own_session: bool = False,
     grpc_port: int = 0,
+    keep_log: bool = False,
 ) -> ServerProcess:
     """Start ``command ARGS`` and wait until every ``ready`` path answers 200 (none: do not wait).
 
@@ -181,7 +183,8 @@ def launch(
     this way (unless ARGS or the environment name a gRPC port). With another command, pass the ``port`` it
     listens on. ``env`` is the whole environment (default: this process's); ``cpus`` pins the server with
     ``taskset``; ``own_session`` starts it in a new session, so that
-    :meth:`ServerProcess.stop` signals the server and every worker process it forks.
+    :meth:`ServerProcess.stop` signals the server and every worker process it forks. Without ``log``, the server
+    writes to a temporary ``bnfold-server-*`` folder, removed when this Python process exits unless ``keep_log``.
     """
     if port is None:
         port = free_port()
@@ -193,7 +196,10 @@ def launch(
     if cpus:
         argv = ["taskset", "-c", ",".join(str(c) for c in sorted(cpus)), *argv]
     if log is None:
-        log = Path(tempfile.mkdtemp(prefix="bnfold-server-")) / f"{name}-{port}.log"
+        folder = Path(tempfile.mkdtemp(prefix="bnfold-server-"))
+        if not keep_log:
+            _remove_at_exit(folder)
+        log = folder / f"{name}-{port}.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(
             argv, stdout=out, stderr=subprocess.STDOUT, env=dict(env) if env is not None else None, cwd=cwd,
@@ -207,6 +213,21 @@ def launch(
             server.stop(signal.SIGKILL)
             raise
     return server
+
+
+_SCRATCH: list[Path] = []
+
+
+def _remove_at_exit(folder: Path) -> None:
+    """Remove ``folder`` when this process exits (its server's log stays readable until then, after a stop too)."""
+    if not _SCRATCH:
+        atexit.register(_remove_scratch)
+    _SCRATCH.append(folder)
+
+
+def _remove_scratch() -> None:
+    for folder in _SCRATCH:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 @contextlib.contextmanager

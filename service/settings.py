@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 #: The repository shipped inside the package: the ``digits`` model.
@@ -52,7 +52,19 @@ class Settings(BaseSettings):
     repository_poll_seconds: float = Field(
         0.0,
         ge=0,
-        description="Rescan the repository this often and load added or replaced versions (0: only at start).",
+        description="Rescan the repository this often and load added or replaced versions (0: only at start); a "
+        "model unloaded through the repository API stays unloaded until loaded again.",
+    )
+    model_control_mode: Literal["none", "explicit"] = Field(
+        "none",
+        description="`none`: load every model of the repository at start; `explicit` (Triton's "
+        "`--model-control-mode=explicit`): load only `BNFOLD_LOAD_MODELS` at start, then what the repository "
+        "API (`POST /v2/repository/models/{name}/load`) asks for; no polling. The API loads and unloads in both.",
+    )
+    load_models: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="With `BNFOLD_MODEL_CONTROL_MODE=explicit`: the models to load at start, comma-separated (`*`: "
+        "all; Triton's `--load-model`); unset: none.",
     )
     providers: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: ["cpu"],
@@ -84,7 +96,9 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(
         8,
         ge=1,
-        description="With `BNFOLD_DYNAMIC_BATCHING`: largest batch for models whose config sets no `max_batch_size`.",
+        description="Largest batch (first dimension) of a model whose config.json sets no `max_batch_size` and whose "
+        "inputs and outputs all have a dynamic first dimension (Triton's auto-completed `default-max-batch-size`); "
+        "with dynamic first dimensions on the inputs only, 1. Also the batch `BNFOLD_DYNAMIC_BATCHING` joins up to.",
     )
     max_queue_delay_microseconds: int = Field(
         0,
@@ -130,7 +144,7 @@ class Settings(BaseSettings):
         "text", description="`json`: one JSON object per log line on stderr (time, level, logger, message)."
     )
 
-    @field_validator("providers", mode="before")
+    @field_validator("providers", "load_models", mode="before")
     @classmethod
     def _split(cls, value: object) -> object:
         if isinstance(value, str):
@@ -145,6 +159,16 @@ class Settings(BaseSettings):
         if unknown or not names:
             raise ValueError(f"providers must be a list of {', '.join(PROVIDER_NAMES)}; got {value}")
         return names
+
+    @model_validator(mode="after")
+    def _model_control(self) -> Settings:
+        if self.model_control_mode == "explicit" and self.repository_poll_seconds > 0:
+            raise ValueError("explicit model control loads only what it is asked to: it polls no repository")
+        if self.load_models and self.model_control_mode != "explicit":
+            raise ValueError("load_models names the models an explicit model control mode starts with")
+        if self.model_control_mode == "explicit" and self.workers > 1:
+            raise ValueError("explicit model control needs one worker: each worker process has models of its own")
+        return self
 
     def ort_providers(self) -> list[str]:
         return [PROVIDER_NAMES[p] for p in self.providers]
@@ -169,7 +193,7 @@ def settings_table() -> str:
     rows = ["| Variable | Default | What it does |", "| --- | --- | --- |"]
     for name, field in Settings.model_fields.items():
         if field.default_factory is not None:
-            default = ",".join(field.default_factory())  # type: ignore[call-arg]
+            default = ",".join(field.default_factory()) or "unset"  # type: ignore[call-arg]
         elif field.default is None:
             default = "unset"
         elif name == "model_repository":

@@ -342,6 +342,23 @@ def test_wheel_contains_the_model(tmp_path: Path) -> None:
     assert not [n for n in names if n.startswith(("tests/", "examples/", "benchmarks/"))]
 
 
+def test_install_lines_work_from_a_clone() -> None:
+    """bnfold is on no package index: every install the docs, examples and error messages show is from the clone
+    (`pip install ".[torch]"`), and each extra it names exists."""
+    sources = [
+        *DOCUMENTS.values(),
+        *(p.read_text() for d in ("converter", "examples") for p in (ROOT / d).rglob("*.py")),
+    ]
+    text = "\n".join(sources)
+    assert not re.findall(r"pip install [^\n]*bnfold\[", text)
+    extras = set(re.findall(r"""pip install [^\n]*?-?e? ?['"]\.\[([\w,]+)\]['"]""", text))
+    assert {"torch", "tensorflow", "gpu"} <= {e for group in extras for e in group.split(",")}
+    declared = (ROOT / "pyproject.toml").read_text().split("[project.optional-dependencies]")[1].split("\n[")[0]
+    for group in extras:
+        for extra in group.split(","):
+            assert re.search(rf"^{extra} = \[", declared, re.M), extra
+
+
 def test_gpu_instructions_are_what_the_gpu_script_runs() -> None:
     """No GPU in CI: the README's GPU install line is the one scripts/gpu-check runs (and the script parses)."""
     script = (ROOT / "scripts" / "gpu-check").read_text()

@@ -1,6 +1,6 @@
 """TensorFlow/Keras in: ``.keras`` and ``.h5`` Keras files, SavedModel folders, and Keras models in memory.
 
-Needs the ``tensorflow`` extra (``pip install "bnfold[tensorflow]"``: tensorflow-cpu and tf2onnx). TensorFlow
+Needs the ``tensorflow`` extra (``pip install ".[tensorflow]"``, in a clone: tensorflow-cpu and tf2onnx). TensorFlow
 takes seconds to import, so this module imports it only when a TensorFlow input actually arrives; recognising
 a file (:func:`sniff`) needs neither TensorFlow nor Keras.
 
@@ -73,7 +73,7 @@ FRAMEWORK = "TensorFlow"
 KERAS_SUFFIXES = (".keras",)
 H5_SUFFIXES = (".h5", ".hdf5")
 _H5_MAGIC = b"\x89HDF\r\n\x1a\n"
-EXTRA = 'pip install "bnfold[tensorflow]"'
+EXTRA = 'pip install ".[tensorflow]" in a bnfold clone'
 OPSET = 17
 LAMBDA_HINT = (
     "a Lambda layer stores Python bytecode, which bnfold does not load; replace it with a registered custom "
@@ -218,9 +218,14 @@ def _quiet() -> Iterator[None]:
 
 
 def export_file(
-    path: str | Path, kind: str, input_shapes: Mapping[str, Sequence[int]] | Sequence[int] | None, seed: int
+    path: str | Path,
+    kind: str,
+    input_shapes: Mapping[str, Sequence[int]] | Sequence[int] | None,
+    seed: int,
+    custom_objects: Mapping[str, Any] | None = None,
 ) -> Exported:
-    """Load a TensorFlow file or folder and export it; ``input_shapes`` fixes dynamic dims (default 1)."""
+    """Load a TensorFlow file or folder and export it; ``input_shapes`` fixes dynamic dims (default 1).
+    ``custom_objects``: Keras's ``{name: class}`` for custom layers not registered in this process."""
     p = Path(path)
     tf = _tf(f"{p} ({kind})")
     if kind == SAVED_MODEL:
@@ -231,11 +236,43 @@ def export_file(
     keras = _import("keras", str(p))
     try:
         with _quiet():
-            model = keras.saving.load_model(p, compile=False, safe_mode=True)
+            model = keras.saving.load_model(p, compile=False, safe_mode=True, custom_objects=custom_objects)
     except Exception as exc:
+        missing = _unregistered(keras, p, custom_objects) if kind == KERAS else []
+        if missing:
+            modules = " ".join(f"--import {m}" for m in dict.fromkeys(m for m, _ in missing))
+            raise InputError(
+                f"{p}: Keras cannot deserialize the custom object(s) {', '.join(n for _, n in missing)}: import "
+                f"the module that registers them ({modules}; custom_objects= in Python) or convert a SavedModel "
+                "written by model.export('dir')"
+            ) from None
         raise InputError(f"{p}: Keras cannot load it safely ({first_line(exc)})") from None
     fn, specs, names = _keras_function(tf, model)
     return _export(tf, fn, specs, names, input_shapes, seed, kind, str(p))
+
+
+def _unregistered(keras: Any, p: Path, custom_objects: Mapping[str, Any] | None) -> list[tuple[str, str]]:
+    """(module, registered name) of each object in a ``.keras`` config from outside Keras that neither the
+    registry nor ``custom_objects`` knows."""
+    with zipfile.ZipFile(p) as archive:
+        config = json.loads(archive.read("config.json"))
+    found: list[tuple[str, str]] = []
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            module, name = node.get("module"), node.get("registered_name") or node.get("class_name")
+            if isinstance(module, str) and isinstance(name, str) and module.split(".")[0] != "keras":
+                known = keras.saving.get_registered_object(name, custom_objects)
+                if known is None and (module, name) not in found:
+                    found.append((module, name))
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(config)
+    return found
 
 
 def export_model(model: Any, input_signature: Any = None, *, input_shapes: Any = None, seed: int = 0) -> Exported:

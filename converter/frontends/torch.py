@@ -1,6 +1,6 @@
 """PyTorch in: TorchScript and torch.export files, and nn.Modules, exported to ONNX with BatchNorm intact.
 
-Needs the ``torch`` extra (``pip install "bnfold[torch]"``: torch and onnxscript); this module imports torch
+Needs the ``torch`` extra (``pip install ".[torch]"``, in a clone: torch and onnxscript); this module imports torch
 only when a PyTorch input actually arrives, so the rest of bnfold works without it.
 
 Formats, recognised by the zip archive's layout (the content, not the suffix):
@@ -66,7 +66,7 @@ MODULE = "nn.Module"
 
 #: File names that mean "this should be a PyTorch file", whatever the content turns out to be.
 TORCH_SUFFIXES = (".pt", ".pth", ".pt2", ".ptl", ".jit", ".torchscript")
-EXTRA = 'pip install "bnfold[torch]"'
+EXTRA = 'pip install ".[torch]" in a bnfold clone'
 PICKLE_HINT = (
     "bnfold loads only TorchScript and torch.export files and never unpickles arbitrary objects; export it "
     "first: torch.jit.script(model).save('model.pt') (or torch.jit.trace(model, example).save('model.pt')), "

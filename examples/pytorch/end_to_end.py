@@ -1,6 +1,6 @@
 """PyTorch end to end: train a small CNN with BatchNorm, save it as TorchScript, fold it with bnfold, serve it.
 
-    python -m examples.pytorch.end_to_end                 # needs: pip install "bnfold[torch]" (and httpx to query)
+    python -m examples.pytorch.end_to_end                 # needs: pip install ".[torch]" (and httpx to query)
     python -m examples.pytorch.end_to_end --no-serve      # stop after converting
 
 1. Synthetic "shapes" data (1×16×16 images of 4 classes: horizontal bars, vertical bars, a diagonal cross, a
@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,6 +30,7 @@ from numpy.typing import NDArray
 from torch import nn
 
 from converter import cli as converter_cli
+from examples import scratch
 from service.launcher import LaunchError, bnfold_command, free_port, launch
 
 CLASSES = ("horizontal", "vertical", "cross", "ring")
@@ -137,7 +137,7 @@ def serve_and_query(model: Path, images: NDArray[np.float32], labels: NDArray[np
     args = [str(model), "--host", "127.0.0.1", "--port", str(port), "--grpc-port", "0"]  # REST only here
     print(f"$ bnfold serve {model} --host 127.0.0.1 --port {port}")
     try:
-        server = launch(args, command=[*command, "serve"], port=port, timeout=60)
+        server = launch(args, command=[*command, "serve"], port=port, timeout=60, log=model.with_suffix(".server.log"))
     except LaunchError as exc:
         print(f"the server did not become ready: {exc}")
         return 1
@@ -177,9 +177,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=120, help="training steps (default 120)")
     parser.add_argument("--port", type=int, help="port for bnfold serve (default: a free one)")
     parser.add_argument("--no-serve", action="store_true", help="stop after converting")
+    parser.add_argument(
+        "--keep", action="store_true", help="keep the temporary folder and the server's log (default: removed)"
+    )
     args = parser.parse_args(argv)
-    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bnfold-pytorch-"))
-    workdir.mkdir(parents=True, exist_ok=True)
+    with scratch.workdir(args.workdir, "bnfold-pytorch-", args.keep) as workdir:
+        return walk_through(args, workdir)
+
+
+def walk_through(args: argparse.Namespace, workdir: Path) -> int:
 
     print(f"1-2. training a small CNN with BatchNorm on synthetic shapes ({args.steps} steps)")
     tick = time.perf_counter()

@@ -1,6 +1,6 @@
 """TensorFlow end to end: a hand-written BatchNorm, trained, saved, folded with bnfold, served.
 
-    python -m examples.tensorflow.end_to_end              # needs: pip install "bnfold[tensorflow]" (httpx to query)
+    python -m examples.tensorflow.end_to_end              # needs: pip install ".[tensorflow]" (httpx to query)
     python -m examples.tensorflow.end_to_end --no-serve   # stop after converting
 
 1. Synthetic bars (12×12×1 NHWC images, horizontal or vertical), seeded, so no download is needed.
@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -28,6 +27,7 @@ import onnxruntime as ort
 
 from converter import cli as converter_cli
 from converter.frontends import tensorflow as tf_frontend
+from examples import scratch
 from examples.tensorflow import manual_bn
 from service.launcher import LaunchError, bnfold_command, free_port, launch
 
@@ -53,6 +53,7 @@ def serve_and_query(model: Path, images: np.ndarray, port: int) -> int:
             command=[*command, "serve"],
             port=port,
             timeout=60,
+            log=model.with_suffix(".server.log"),  # beside the model: removed with the run's folder
         )
     except LaunchError as exc:
         print(f"the server did not become ready: {exc}")
@@ -83,9 +84,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=40, help="training steps (default 40)")
     parser.add_argument("--port", type=int, help="port for bnfold serve (default: a free one)")
     parser.add_argument("--no-serve", action="store_true", help="stop after converting")
+    parser.add_argument(
+        "--keep", action="store_true", help="keep the temporary folder and the server's log (default: removed)"
+    )
     args = parser.parse_args(argv)
-    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bnfold-tensorflow-"))
-    workdir.mkdir(parents=True, exist_ok=True)
+    with scratch.workdir(args.workdir, "bnfold-tensorflow-", args.keep) as workdir:
+        return walk_through(args, workdir)
+
+
+def walk_through(args: argparse.Namespace, workdir: Path) -> int:
 
     print(f"1-2. training a hand-written BatchNorm network on synthetic bars ({args.steps} steps)")
     net, accuracy = manual_bn.train(args.steps, SEED)

@@ -100,3 +100,35 @@ class ModelReady(BaseModel):
 
 class Error(BaseModel):
     error: str
+
+
+class ModelList(BaseModel):
+    """KServe's ``GET /v2/models``: the models serving at least one version."""
+
+    models: list[str]
+
+
+class RepositoryIndexRequest(BaseModel):
+    """Triton's repository index request (the body may also be empty)."""
+
+    model_config = ConfigDict(strict=True)
+
+    repository_name: str = Field("", description="Ignored: bnfold serves one repository")
+    ready: bool = Field(False, description="Only the versions that are READY")
+
+
+class RepositoryModel(BaseModel):
+    name: str
+    version: str
+    state: str = Field(description="READY, UNAVAILABLE, LOADING or UNLOADING")
+    reason: str = Field(description="Why it is not ready (a load error, 'unloaded', 'not loaded'), or ''")
+
+
+class RepositoryChangeRequest(BaseModel):
+    """Triton's load and unload request (the body may also be empty). bnfold loads only from its repository: of
+    Triton's parameters it takes ``unload_dependents`` (nothing depends on a model here) and refuses the others."""
+
+    model_config = ConfigDict(strict=True)
+
+    repository_name: str = Field("", description="Ignored: bnfold serves one repository")
+    parameters: dict[str, Any] = Field(default_factory=dict)

@@ -5,21 +5,27 @@ routes are declared here only for the OpenAPI schema (:data:`infer_schema`, neve
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
+from pydantic import BaseModel, ValidationError
 
 from service.dataplane import DataPlane
+from service.errors import BadRequest
 from service.metrics import CONTENT_TYPE
 from service.rest.openapi import (
     Error,
     InferenceResponse,
     Live,
+    ModelList,
     ModelMetadata,
     ModelReady,
     Ready,
+    RepositoryChangeRequest,
+    RepositoryIndexRequest,
+    RepositoryModel,
     ServerMetadata,
 )
 
@@ -130,6 +136,83 @@ async def model_version_config(request: Request, model_name: str, model_version:
 
 def _config(request: Request, name: str, version: str | None) -> Response:
     return json_response(dataplane(request).model_config(name, version, credentials(request)))
+
+
+# ------------------------------------------------------------------------------- the model repository
+REPOSITORY_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": Error, "description": "A version failed to load (the one serving before still serves)"},
+    401: ERRORS[401],
+    404: {"model": Error, "description": "No such model in the repository"},
+    503: {"model": Error, "description": "The server is shutting down"},
+}
+
+
+Body = TypeVar("Body", bound=BaseModel)
+
+
+async def _body(request: Request, model: type[Body]) -> Body:
+    """A repository request's JSON body; empty (as tritonclient sends the index request) means the defaults."""
+    raw = await request.body()
+    try:
+        return model.model_validate_json(raw) if raw.strip() else model()
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise BadRequest(f"{where}: {first['msg']}" if where else str(first["msg"])) from None
+
+
+def _optional_body(model: type[BaseModel]) -> dict[str, Any]:
+    schema = model.model_json_schema()
+    return {"requestBody": {"required": False, "content": {"application/json": {"schema": schema}}}}
+
+
+@router.get("/v2/models", response_model=ModelList, responses={401: ERRORS[401]}, tags=["repository"])
+async def models(request: Request) -> Response:
+    """The models serving at least one version (KServe's list of models)."""
+    return json_response({"models": dataplane(request).model_names(credentials(request))})
+
+
+@router.post(
+    "/v2/repository/index",
+    response_model=list[RepositoryModel],
+    responses={400: {"model": Error, "description": "A body that is not an index request"}, 401: ERRORS[401]},
+    tags=["repository"],
+    openapi_extra=_optional_body(RepositoryIndexRequest),
+)
+async def repository_index(request: Request) -> Response:
+    """Every version in the repository or in memory, with its state and why (Triton's repository index)."""
+    ready_only = (await _body(request, RepositoryIndexRequest)).ready
+    return json_response(dataplane(request).repository_index(ready_only, credentials(request)))
+
+
+@router.post(
+    "/v2/repository/models/{model_name}/load",
+    response_class=Response,
+    responses={200: {"description": "Loaded: every version serves (empty body)"}, **REPOSITORY_ERRORS},
+    tags=["repository"],
+    openapi_extra=_optional_body(RepositoryChangeRequest),
+)
+async def load(request: Request, model_name: str) -> Response:
+    """(Re)load the model from the repository: folded, verified and warmed up as at start-up."""
+    parameters = (await _body(request, RepositoryChangeRequest)).parameters
+    await dataplane(request).load_model(model_name, credentials(request), parameters)
+    return Response(status_code=200)
+
+
+@router.post(
+    "/v2/repository/models/{model_name}/unload",
+    response_class=Response,
+    responses={
+        200: {"description": "Unloaded, after the requests in flight finished (empty body)"},
+        **REPOSITORY_ERRORS,
+    },
+    tags=["repository"],
+)
+async def unload(request: Request, model_name: str) -> Response:
+    """Refuse new requests for the model, let the admitted ones finish, then unload every version."""
+    await _body(request, RepositoryChangeRequest)
+    await dataplane(request).unload_model(model_name, credentials(request))
+    return Response(status_code=200)
 
 
 # ------------------------------------------------------------------------------------------- inference

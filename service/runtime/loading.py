@@ -82,8 +82,9 @@ def load_model(name: str, version: str, path: Path, config: ModelConfig, setting
         log.warning("%s; serving with fallback", text)
     inputs = [_spec(a) for a in session.get_inputs()]
     outputs = [_spec(a) for a in session.get_outputs()]
-    first_dynamic = bool(inputs) and all(len(t.shape) > 0 and t.shape[0] < 0 for t in inputs)
-    max_batch = config.max_batch_size if config.max_batch_size is not None else (1 if first_dynamic else 0)
+    max_batch = (
+        config.max_batch_size if config.max_batch_size is not None else default_max_batch(inputs, outputs, settings)
+    )
     if max_batch > 0 and not all(len(t.shape) > 0 for t in inputs):
         raise ModelLoadError(f"{path}: max_batch_size {max_batch} needs a batch dimension on every input")
     batching = _batch_policy(path, name, version, config, settings, inputs, outputs)
@@ -106,6 +107,19 @@ def load_model(name: str, version: str, path: Path, config: ModelConfig, setting
     _warm_up(model, settings.warmup_runs)
     model.load_seconds = time.perf_counter() - start
     return model
+
+
+def default_max_batch(inputs: list[TensorSpec], outputs: list[TensorSpec], settings: Settings) -> int:
+    """A model's max batch size when its config.json sets none, as Triton's auto-complete reads the ONNX dims: a
+    dynamic first dim on every input and every output is a batch dim (``BNFOLD_MAX_BATCH_SIZE``); on the inputs
+    only, batch 1 (how the outputs follow the batch is unknown); otherwise no batch dim (0)."""
+
+    def dynamic_first(tensors: list[TensorSpec]) -> bool:
+        return bool(tensors) and all(len(t.shape) > 0 and t.shape[0] < 0 for t in tensors)
+
+    if dynamic_first(inputs):
+        return settings.max_batch_size if dynamic_first(outputs) else 1
+    return 0
 
 
 def _batch_policy(

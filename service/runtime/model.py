@@ -7,6 +7,7 @@ request against the model in :mod:`service.runtime.validation`, shaping the outp
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +53,8 @@ class LoadedModel:
     outputs_by_name: dict[str, TensorSpec] = field(init=False)
     output_names: list[str] = field(init=False)
     provider: str = field(init=False)  # the provider that runs most of the graph: the first active one, short name
+    in_flight: int = field(default=0, init=False)  # admitted requests not yet answered (event loop only)
+    _drained: list[asyncio.Future[None]] = field(default_factory=list, init=False)
 
     def __post_init__(self) -> None:
         self.inputs_by_name = {t.name: t for t in self.inputs}
@@ -59,6 +62,26 @@ class LoadedModel:
         self.output_names = [t.name for t in self.outputs]
         first = self.providers[0] if self.providers else "CPUExecutionProvider"
         self.provider = next((k for k, v in PROVIDER_NAMES.items() if v == first), first)
+
+    def enter(self) -> None:
+        """A request for this version was admitted (the dataplane's admission, on the event loop)."""
+        self.in_flight += 1
+
+    def leave(self) -> None:
+        """That request was answered (or failed); the last one out wakes :meth:`drained`."""
+        self.in_flight -= 1
+        if self.in_flight == 0:
+            for waiter in self._drained:
+                if not waiter.done():
+                    waiter.set_result(None)
+            self._drained.clear()
+
+    async def drained(self) -> None:
+        """Return once no admitted request of this version is in flight (an unload waits for this)."""
+        if self.in_flight > 0:
+            waiter = asyncio.get_running_loop().create_future()
+            self._drained.append(waiter)
+            await waiter
 
     def run(
         self, feeds: dict[str, Array], names: list[str], run_options: ort.RunOptions | None, timing: Timing

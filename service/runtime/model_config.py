@@ -33,8 +33,8 @@ class ModelConfig(BaseModel):
     max_batch_size: int | None = Field(
         None,
         ge=0,
-        description="Largest batch (first dim) accepted; 0: no batch dimension. Default 1 when the "
-        "first dim is dynamic, else 0.",
+        description="Largest batch (first dim) accepted; 0: no batch dimension. Default BNFOLD_MAX_BATCH_SIZE when "
+        "the first dim of every input and output is dynamic, 1 when only the inputs' are, else 0.",
     )
     dynamic_batching: DynamicBatching | None = Field(
         None, description="Run concurrent requests as one batch (needs a dynamic first dim on every tensor)."

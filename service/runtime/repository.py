@@ -4,14 +4,18 @@ Requests only ever look names up in memory: a model name or version from a URL n
 system, so it cannot escape the repository. Loaded versions are immutable; loading a new or replaced version
 builds it completely (fold, session, warm-up) before one dict assignment publishes it, so no request ever
 sees a half-loaded model. A file being written is loaded only once its size and mtime stop changing.
+
+One change to a model at a time (:meth:`Repository.turn`): a rescan's load, and the repository API's loads and
+unloads (:mod:`service.runtime.control`), wait for the one under way.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,6 +41,8 @@ class ModelState:
     ready: dict[int, LoadedModel] = field(default_factory=dict)
     failed: dict[int, str] = field(default_factory=dict)
     signatures: dict[int, Signature] = field(default_factory=dict)
+    activity: str | None = None  # "LOADING" or "UNLOADING" while the repository API changes it
+    unloaded: bool = False  # by the repository API: polling leaves it alone until it is loaded again
 
     def versions(self) -> list[str]:
         return [str(v) for v in sorted(self.ready)]
@@ -113,6 +119,8 @@ class Repository:
         self.models: dict[str, ModelState] = {}
         self._pending: dict[tuple[str, int], Signature] = {}  # changed files seen once, waiting to settle
         self._on_change = on_change or (lambda model, ready: None)
+        self._turns: dict[str, asyncio.Lock] = {}
+        self._waiting: dict[str, int] = {}
 
     # ------------------------------------------------------------------------------------------ lookup
     def get(self, name: str, version: str | None = None) -> LoadedModel:
@@ -134,7 +142,31 @@ class Repository:
 
     @staticmethod
     def _why(state: ModelState) -> str:
-        return "; ".join(state.failed.values()) or "no version loaded"
+        if state.activity is not None:
+            return state.activity.lower()
+        return "; ".join(state.failed.values()) or ("unloaded" if state.unloaded else "no version loaded")
+
+    def state(self, name: str) -> ModelState:
+        """The model's state, made (with nothing loaded) on first use."""
+        return self.models.setdefault(name, ModelState(name))
+
+    @contextlib.asynccontextmanager
+    async def turn(self, name: str) -> AsyncIterator[None]:
+        """Hold the model ``name`` for one change (load, unload, rescan), after the changes asked for before."""
+        lock = self._turns.setdefault(name, asyncio.Lock())
+        self._waiting[name] = self._waiting.get(name, 0) + 1
+        try:
+            await lock.acquire()
+        finally:
+            self._waiting[name] -= 1
+        try:
+            yield
+        finally:
+            lock.release()
+
+    def waiting(self, name: str) -> int:
+        """Changes of ``name`` waiting for their turn (not counting the one under way)."""
+        return self._waiting.get(name, 0)
 
     def ready_count(self) -> int:
         return sum(len(s.ready) for s in self.models.values())
@@ -151,20 +183,31 @@ class Repository:
         return discover(self.settings.model_repository)
 
     async def load_all(self) -> None:
-        """Load every version found (at start-up); failures leave that version not ready."""
+        """Load every version found (at start-up; explicit model control: of the models it names); failures
+        leave that version not ready."""
         if self.settings.model is not None:
             single_model_file(self.settings.model)  # raises with the reason
         if self.settings.model is None and not self.settings.model_repository.is_dir():
             raise ModelLoadError(f"{self.settings.model_repository}: model repository not found")
-        for name, versions in self.sources().items():
-            for version, path in sorted(versions.items()):
-                await self._load(name, version, path, signature(path))
+        found = self.sources()
+        names = set(found)
+        if self.settings.model_control_mode == "explicit" and "*" not in self.settings.load_models:
+            names = set(self.settings.load_models)
+            missing = sorted(names - set(found))
+            if missing:
+                raise ModelLoadError(f"BNFOLD_LOAD_MODELS names {', '.join(missing)}: not in the repository")
+        for name, versions in found.items():
+            if name in names:
+                for version, path in sorted(versions.items()):
+                    await self._load(name, version, path, signature(path))
 
     async def rescan(self) -> None:
         """Load added or replaced versions (once their files settle) and drop removed ones."""
         found = self.sources()
         for name, versions in found.items():
             state = self.models.get(name)
+            if state is not None and (state.unloaded or state.activity is not None):
+                continue  # the repository API's: unloaded, or being changed
             for version, path in sorted(versions.items()):
                 sig = signature(path)
                 if sig is None or (state is not None and state.signatures.get(version) == sig):
@@ -174,13 +217,17 @@ class Repository:
                     self._pending[key] = sig
                     continue
                 del self._pending[key]
-                await self._load(name, version, path, sig)
+                async with self.turn(name):
+                    await self._load(name, version, path, sig)
         for name, state in list(self.models.items()):
+            if state.activity is not None:
+                continue
             for version in list(state.ready) + list(state.failed):
                 if version not in found.get(name, {}):
                     self._unload(state, version)
 
-    async def _load(self, name: str, version: int, path: Path, sig: Signature | None) -> None:
+    async def _load(self, name: str, version: int, path: Path, sig: Signature | None) -> str | None:
+        """Load one version and publish it; None, or why it failed (the version serving before still serves)."""
         state = self.models.get(name) or ModelState(name)
         loop = asyncio.get_running_loop()
         try:
@@ -194,7 +241,7 @@ class Repository:
             if sig is not None:
                 state.signatures[version] = sig
             self.models[name] = state
-            return
+            return str(exc)
         replaced = version in state.ready
         state.ready[version] = model  # the one assignment that publishes it
         state.failed.pop(version, None)
@@ -210,11 +257,25 @@ class Repository:
             model.load_seconds,
             ",".join(model.providers),
         )
+        return None
 
-    def _unload(self, state: ModelState, version: int) -> None:
+    async def load(self, name: str, version: int, path: Path) -> str | None:
+        """Load one version as at start-up (fold, verify, warm up), for the repository API: None, or why not; a
+        provider missing under the ``strict`` policy fails this load rather than the server."""
+        try:
+            return await self._load(name, version, path, signature(path))
+        except ProviderError as exc:
+            return str(exc)
+
+    def unpublish(self, state: ModelState, version: int) -> LoadedModel | None:
+        """Take one version out of service (requests already admitted keep their reference); the model it was."""
         model = state.ready.pop(version, None)
         state.failed.pop(version, None)
         state.signatures.pop(version, None)
         if model is not None:
             self._on_change(model, False)
+        return model
+
+    def _unload(self, state: ModelState, version: int) -> None:
+        if self.unpublish(state, version) is not None:
             log.info("model %s version %s removed", state.name, version)

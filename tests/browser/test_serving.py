@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -68,3 +69,22 @@ def test_the_page_files_ship_in_the_package() -> None:
     globs = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["service.rest"]
     shipped = {p.name for g in globs for p in (root / "service" / "rest").glob(g)}
     assert {"index.html", "app.js", "app.css", "digits.json"} <= shipped
+
+
+def test_the_page_is_read_once_at_start_up(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Reinstalling bnfold under a running server replaces or removes the package's files: the page and its files
+    still answer, as they were at start-up (with ETags, so a browser revalidates cheaply)."""
+    from service.rest import webui
+
+    copy = tmp_path / "static"
+    shutil.copytree(STATIC, copy)
+    monkeypatch.setattr(webui, "STATIC", copy)
+    with in_process() as server, server.client() as c:
+        shutil.rmtree(copy)
+        page = c.get("/")
+        assert page.status_code == 200 and page.content == (STATIC / "index.html").read_bytes()
+        script = c.get("/ui/app.js")
+        assert script.status_code == 200 and script.content == (STATIC / "app.js").read_bytes()
+        assert "javascript" in script.headers["content-type"]
+        assert c.get("/ui/app.js", headers={"If-None-Match": script.headers["etag"]}).status_code == 304
+        assert c.get("/ui/missing.js").status_code == 404

@@ -20,4 +20,9 @@ def test_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert "4 per-channel maps folded (BatchNorms, and a conv bias Add); left: {'batchnorm': 0, 'mul_add': 0}" in out
     assert "verification passed against TensorFlow inference" in out
     assert "served answers equal to ONNX Runtime's: 6/6" in out
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["manual_bn", "manual_bn.onnx", "manual_bn.report.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "manual_bn",
+        "manual_bn.onnx",
+        "manual_bn.report.json",
+        "manual_bn.server.log",
+    ]

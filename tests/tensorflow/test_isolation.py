@@ -61,4 +61,4 @@ sys.exit(cli.main(["convert", {str(path)!r}, "-o", {str(tmp_path / "o.onnx")!r}]
     done = run(code)
     assert done.returncode == 2, done.stderr
     assert done.stderr.count("\n") == 1
-    assert 'pip install "bnfold[tensorflow]"' in done.stderr
+    assert 'pip install ".[tensorflow]"' in done.stderr

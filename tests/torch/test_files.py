@@ -157,7 +157,7 @@ def test_without_torch_the_error_names_the_extra(
         out = tmp_path / "out.onnx"
         assert main(["convert", str(src), "-o", str(out), "--input-shape", "2,3,32,32"]) == 2
         line = one_line_error(capsys)
-        assert str(src) in line and 'pip install "bnfold[torch]"' in line
+        assert str(src) in line and 'pip install ".[torch]"' in line
         assert not out.exists()
 
 
