@@ -65,8 +65,10 @@ log = logging.getLogger("bnfold.service")
 RESERVE = 64
 #: The largest automatic cap per transport (each open connection costs memory too).
 AUTO_MAX = 10_000
-#: The guard looks at waiting connections this often (or a quarter of the header timeout when shorter).
-SWEEP_SECONDS = 0.5
+#: The guard looks at waiting connections this often (or a quarter of the header timeout when shorter), and at
+#: gRPC's while they press on its cap, every PRESSED_SWEEP_SECONDS.
+SWEEP_SECONDS = 0.25
+PRESSED_SWEEP_SECONDS = 0.1
 #: Summary lines of closed connections come at most this often.
 REPORT_EVERY_SECONDS = 60.0
 #: Reasons a connection is closed by the guard (``reason`` label of ``bnfold_connections_closed_total``).
@@ -209,6 +211,7 @@ class ConnectionGuard:
         self.grpc_cap = 0
         self.grpc_evicted = 0
         self._files_at_start = 0
+        self._pressed = False  # gRPC's connections near its cap at the last sweep
         # connections between requests (or before their first), oldest first: {protocol: since}; busy ones are
         # dropped lazily, when a sweep or an eviction meets them
         self._waiting: dict[Any, float] = {}
@@ -247,7 +250,8 @@ class ConnectionGuard:
 
     def _arm(self) -> None:
         assert self._loop is not None
-        self._timer = self._loop.call_later(min(SWEEP_SECONDS, self.header_timeout / 4), self._sweep)
+        every = PRESSED_SWEEP_SECONDS if self._pressed else SWEEP_SECONDS
+        self._timer = self._loop.call_later(min(every, self.header_timeout / 4), self._sweep)
 
     # ------------------------------------------------------------------ per connection
     def admit(self, conn: Any) -> bool:
@@ -309,9 +313,10 @@ class ConnectionGuard:
 
     def _sweep_grpc(self) -> None:
         # cheap test first: the files open beyond the REST connections and those open at start
-        if open_files() - self.open - self._files_at_start < self.grpc_cap - self.grpc_room():
-            return
-        self.grpc_evicted += close_callless(self.grpc_port, self.grpc_cap - self.grpc_room())
+        keep = self.grpc_cap - self.grpc_room()
+        self._pressed = open_files() - self.open - self._files_at_start >= keep
+        if self._pressed:
+            self.grpc_evicted += close_callless(self.grpc_port, keep)
 
     # ------------------------------------------------------------------ the summary line
     def _report(self, force: bool = False) -> None:

@@ -13,16 +13,53 @@ import contextlib
 import errno
 import selectors
 import socket
+import sys
 import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+
+import grpc
+
+from service.protos import grpc_predict_v2_pb2 as pb
 
 KINDS = ("rest-idle", "rest-slowloris", "grpc-idle", "grpc-slowloris")
 REST_HEAD = b"GET /v2/health/live HTTP/1.1\r\nHost: 127.0.0.1\r\n" + b"x-slow: " + b"a" * 4000
 H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
 # HEADERS on stream 1 announcing 16 KiB (END_HEADERS), of which only a trickle ever comes
 GRPC_HEAD = H2_PREFACE + b"\x00\x40\x00\x01\x04\x00\x00\x00\x01" + b"\x00" * 16384
+
+
+def limited_serve(file_limit: int) -> list[str]:
+    """The ``bnfold serve`` command with RLIMIT_NOFILE set to ``file_limit`` first (as ``ulimit -n`` would)."""
+    return [
+        sys.executable,
+        "-c",
+        f"import os, resource, sys; resource.setrlimit(resource.RLIMIT_NOFILE, ({file_limit}, {file_limit})); "
+        "os.execv(sys.executable, [sys.executable, '-m', 'service', 'serve', *sys.argv[1:]])",
+    ]
+
+
+#: A client that retries a refused connection every 50-100 ms within its deadline (grpcio's default waits 1 s)
+PROBE_CHANNEL = [
+    ("grpc.initial_reconnect_backoff_ms", 50),
+    ("grpc.min_reconnect_backoff_ms", 50),
+    ("grpc.max_reconnect_backoff_ms", 100),
+]
+
+
+def server_live(grpc_port: int, timeout: float = 1.0) -> bool:
+    """gRPC ``ServerLive`` on a new channel: True when answered live within ``timeout`` (else False)."""
+    with grpc.insecure_channel(f"127.0.0.1:{grpc_port}", options=PROBE_CHANNEL) as channel:
+        call = channel.unary_unary(
+            "/inference.GRPCInferenceService/ServerLive",
+            request_serializer=pb.ServerLiveRequest.SerializeToString,
+            response_deserializer=pb.ServerLiveResponse.FromString,
+        )
+        try:
+            return bool(call(pb.ServerLiveRequest(), timeout=timeout, wait_for_ready=True).live)
+        except grpc.RpcError:
+            return False
 
 
 @dataclass

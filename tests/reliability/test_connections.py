@@ -13,16 +13,13 @@ import json
 import os
 import signal
 import socket
-import sys
 from pathlib import Path
 
-import grpc
 import pytest
 
 from service.launcher import ServerProcess, free_port, launch
-from service.protos import grpc_predict_v2_pb2 as pb
 from tests.reliability.helpers import DIGITS, read_reply, request_bytes, wait_until
-from tests.reliability.hostile import Attack
+from tests.reliability.hostile import Attack, limited_serve, server_live
 
 pytestmark = pytest.mark.slow  # a subprocess server with its own file limit
 
@@ -30,20 +27,13 @@ FILE_LIMIT = 1024
 PER_KIND = 750  # 3000 hostile connections: idle and slowloris, REST and gRPC
 HEADER_TIMEOUT, IDLE_TIMEOUT = "4", "2"
 INFER = json.dumps({"inputs": [DIGITS]}).encode()
-# `bnfold serve ARGS` with RLIMIT_NOFILE lowered first (as `ulimit -n 1024` in a container)
-LIMITED = (
-    sys.executable,
-    "-c",
-    f"import os, resource, sys; resource.setrlimit(resource.RLIMIT_NOFILE, ({FILE_LIMIT}, {FILE_LIMIT})); "
-    "os.execv(sys.executable, [sys.executable, '-m', 'service', 'serve', *sys.argv[1:]])",
-)
 
 
 def serve(tmp: Path, env: dict[str, str], grpc_port: int = 0) -> ServerProcess:
     port = free_port()
     args = ["--port", str(port), "--grpc-port", str(grpc_port)]
     full_env = {**os.environ, "BNFOLD_WARMUP_RUNS": "1", **env}
-    return launch(command=[*LIMITED, *args], port=port, env=full_env, log=tmp / "server.log")
+    return launch(command=[*limited_serve(FILE_LIMIT), *args], port=port, env=full_env, log=tmp / "server.log")
 
 
 def get(port: int, method: str, path: str, body: bytes = b"") -> int:
@@ -53,16 +43,6 @@ def get(port: int, method: str, path: str, body: bytes = b"") -> int:
         return conn.getresponse().status
     finally:
         conn.close()
-
-
-def server_live(grpc_port: int) -> bool:
-    with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
-        call = channel.unary_unary(
-            "/inference.GRPCInferenceService/ServerLive",
-            request_serializer=pb.ServerLiveRequest.SerializeToString,
-            response_deserializer=pb.ServerLiveResponse.FromString,
-        )
-        return bool(call(pb.ServerLiveRequest(), timeout=1).live)
 
 
 def metrics(port: int) -> dict[str, float]:
