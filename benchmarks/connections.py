@@ -1,6 +1,6 @@
 """Connections under attack: ``bnfold serve`` with a file limit of 1024 (``ulimit -n 1024``, common in containers)
 against 3000 hostile connections, idle and slowloris, on the REST and the gRPC port, opened as fast as one client
-thread can (``tests/reliability/hostile.py``: the attacker of the reliability tests).
+thread can (``tests/support/hostile.py``: the attacker of the reliability tests).
 
 While the hostile connections are open, the script probes the server every ``--probe-every`` seconds: ``GET
 /v2/health/live``, ``GET /v2/health/ready``, gRPC ``ServerLive`` and an inference of the bundled ``digits`` model,
@@ -28,7 +28,7 @@ from typing import Any
 
 from benchmarks.environment import host
 from service.launcher import free_port, launch
-from tests.reliability.hostile import KINDS, Attack, limited_serve, server_live
+from tests.support.hostile import KINDS, Attack, limited_serve, server_live
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE / "results" / "connections.json"

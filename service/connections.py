@@ -242,6 +242,10 @@ class ConnectionGuard:
             self.idle_timeout,
         )
 
+    def grpc_options(self) -> list[tuple[str, int]]:
+        """The gRPC server options of these limits (after :meth:`start`)."""
+        return grpc_options(self.header_timeout, self.idle_timeout, self.grpc_cap)
+
     def stop(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
@@ -430,7 +434,10 @@ class GuardedProtocol:
 class GuardedH11Protocol(GuardedProtocol, H11Protocol):
     def handle_events(self) -> None:
         super().handle_events()
-        self._close_after_answer()
+        if self._draining and self.cycle is not None and self.cycle.keep_alive:
+            self.cycle.keep_alive = False
+            # uvicorn's h11 cycle writes `Connection: close` only when the request asked for it
+            self.cycle.scope["headers"].append((b"connection", b"close"))
 
 
 if HttpToolsProtocol is not None:

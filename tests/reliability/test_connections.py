@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 from service.launcher import ServerProcess, free_port, launch
-from tests.reliability.helpers import DIGITS, read_reply, request_bytes, wait_until
-from tests.reliability.hostile import Attack, limited_serve, server_live
+from tests.support.hostile import Attack, limited_serve, server_live
+from tests.support.reliability import DIGITS, read_reply, request_bytes, wait_until
 
 pytestmark = pytest.mark.slow  # a subprocess server with its own file limit
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from service.protos import grpc_predict_v2_pb2 as pb
+from service.grpc.protos import grpc_predict_v2_pb2 as pb
 
 KINDS = ("rest-idle", "rest-slowloris", "grpc-idle", "grpc-slowloris")
 REST_HEAD = b"GET /v2/health/live HTTP/1.1\r\nHost: 127.0.0.1\r\n" + b"x-slow: " + b"a" * 4000
