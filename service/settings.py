@@ -127,6 +127,11 @@ class Settings(BaseSettings):
         "a REST connection replaces the one waiting longest for a request head, or gets 503 when all are busy; gRPC "
         "closes it.",
     )
+    metrics_public: bool = Field(
+        False,
+        description="`true`: `/metrics` answers without the API key (for a scraper that cannot send one); by "
+        "default it needs the key when `BNFOLD_API_KEY` is set, as the model endpoints do.",
+    )
     graceful_shutdown_seconds: int = Field(
         30, ge=0, description="On SIGTERM, how long in-flight requests may take to finish."
     )

@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import socket
 
+import pytest
+
 from service.connections import AUTO_MAX, RESERVE, connection_cap
 from tests.support.reliability import DIGITS, read_reply, request_bytes
 from tests.support.servers import InThread, in_process
@@ -92,3 +94,11 @@ def test_over_the_cap_with_every_connection_busy_a_new_one_gets_503() -> None:
             assert read_reply(sock).status == 200
             sock.close()
         assert closed(srv, "refused") == 1
+
+
+@pytest.mark.parametrize("public", [False, True])
+def test_metrics_need_the_api_key_unless_public(public: bool) -> None:
+    with in_process(api_key="s3cret", metrics_public=public) as srv, srv.client() as http:
+        assert http.get("/metrics").status_code == (200 if public else 401)
+        r = http.get("/metrics", headers={"Authorization": "Bearer s3cret"})
+        assert r.status_code == 200 and 'bnfold_connections_open{transport="rest"}' in r.text
