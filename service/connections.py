@@ -286,7 +286,10 @@ class ConnectionGuard:
             if _busy(conn):
                 del self._waiting[conn]
                 continue
-            self._close(conn, "evicted")
+            if conn.transport.is_closing():  # closing already: its place is free
+                self.forget(conn)
+            else:
+                self._close(conn, "evicted")
             return True
         return False
 
