@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import resource
 import selectors
 import socket
 import sys
@@ -28,6 +29,16 @@ REST_HEAD = b"GET /v2/health/live HTTP/1.1\r\nHost: 127.0.0.1\r\n" + b"x-slow: "
 H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
 # HEADERS on stream 1 announcing 16 KiB (END_HEADERS), of which only a trickle ever comes
 GRPC_HEAD = H2_PREFACE + b"\x00\x40\x00\x01\x04\x00\x00\x00\x01" + b"\x00" * 16384
+
+
+def raise_own_file_limit(needed: int) -> bool:
+    """Raise this process's soft RLIMIT_NOFILE to at least ``needed`` files if the hard limit allows; False if not."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        if hard != resource.RLIM_INFINITY and hard < needed:
+            return False
+        resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
+    return True
 
 
 def limited_serve(file_limit: int) -> list[str]:
@@ -93,6 +104,8 @@ class Attack:
     _thread: threading.Thread | None = None
 
     def start(self) -> Attack:
+        if not raise_own_file_limit(self.per_kind * len(self.kinds) + 256):
+            raise RuntimeError(f"the file limit of this process cannot hold {self.per_kind * len(self.kinds)} sockets")
         self._thread = threading.Thread(target=self._run, name="hostile", daemon=True)
         self._thread.start()
         return self
