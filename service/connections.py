@@ -6,11 +6,14 @@ response: a connection that sends nothing, or trickles a request head one byte a
 forever, and ``limit_concurrency`` answers 503 only once a complete head has arrived. A process whose open files
 reach ``RLIMIT_NOFILE`` then accepts nothing on either port, health probes included.
 
-REST (uvicorn, httptools or h11): :func:`protocol` returns uvicorn's protocol class with the guard mixed in
+:class:`ConnectionGuard` keeps one transport's connections on an asyncio server; :class:`Connections` holds the
+server's guards, sweeps them (one timer, none per request), writes the summary line and the metrics.
+
+REST (uvicorn, httptools or h11): :func:`protocol` names uvicorn's protocol class with the guard mixed in
 (uvicorn's ``http=`` takes a class or a dotted name):
 
 - *header timeout*: a connection that has not sent a complete request head ``header_timeout`` seconds after it
-  opened, or after its last answer, is closed (one timer per server sweeps, none per request);
+  opened, or after its last answer, is closed;
 - *idle timeout*: uvicorn's keep-alive timeout (``timeout_keep_alive``), counted here;
 - *cap*: at most ``cap`` open connections. A new one over the cap takes the place of the connection that has waited
   longest for a request head (idle keep-alive or slowloris): a probe or a real client sends its head at once and is
@@ -20,12 +23,15 @@ REST (uvicorn, httptools or h11): :func:`protocol` returns uvicorn's protocol cl
   on it meanwhile is answered, with ``Connection: close`` (uvicorn closes it at once, and a request already on its
   way meets a connection reset).
 
-gRPC (grpcio): :func:`grpc_options` sets the same limits as channel arguments: the HTTP/2 handshake must complete
-within the header timeout (``grpc.server_handshake_timeout_ms``), a connection with no call for the idle timeout gets
-GOAWAY (``grpc.max_connection_idle_ms``; grpcio counts a connection that never completed a call as idle too), and
-``grpc.max_allowed_incoming_connections`` closes connections over the cap as they are accepted. grpcio offers no
-hook to replace a waiting connection, so its cap is the only bound while it is full; its open connections are
-counted from the process's sockets (:func:`sockets_on_port`) when metrics are read.
+gRPC served by an asyncio server of our own takes a :class:`ConnectionGuard` as uvicorn's protocols do (see its
+docstring: four calls). gRPC served by grpcio: :func:`grpc_options` sets the same limits as channel arguments: the
+HTTP/2 handshake must complete within the header timeout (``grpc.server_handshake_timeout_ms``), a connection
+with no call for the idle timeout gets GOAWAY (``grpc.max_connection_idle_ms``; grpcio counts a connection that
+never completed a call as idle too), and ``grpc.max_allowed_incoming_connections`` closes connections over the cap
+as they are accepted. grpcio offers no
+hook to replace a waiting connection, so the guard keeps room under its cap at the socket level: it shuts down the
+quietest connections on the gRPC port that never sent a call (:func:`close_callless`, from /proc and ``TCP_INFO``);
+grpcio's open connections are counted from the process's sockets (:func:`sockets_on_port`) when metrics are read.
 
 The cap (``BNFOLD_MAX_CONNECTIONS``, per transport) defaults to what the file limit leaves: ``RLIMIT_NOFILE`` minus
 the files open once the models are loaded, minus :data:`RESERVE` for model loads, logs and the health path, shared
@@ -57,7 +63,15 @@ except ImportError:  # no httptools wheel: uvicorn's `auto` is h11 too
 if TYPE_CHECKING:
     from service.settings import Settings
 
-__all__ = ["ConnectionGuard", "GuardedProtocol", "connection_cap", "grpc_options", "protocol", "sockets_on_port"]
+__all__ = [
+    "ConnectionGuard",
+    "Connections",
+    "GuardedProtocol",
+    "connection_cap",
+    "grpc_options",
+    "protocol",
+    "sockets_on_port",
+]
 
 log = logging.getLogger("bnfold.service")
 
@@ -196,54 +210,138 @@ def close_callless(port: int, keep: int) -> int:
 
 
 class ConnectionGuard:
-    """One server's REST connections: the cap, the header-timeout sweep, counts by reason, the summary line.
+    """One transport's connections on an asyncio server: the cap, the header and idle deadlines, counts by reason.
 
-    Lives on the event loop's thread; the protocol mixin calls :meth:`admit`, :meth:`waiting` and :meth:`forget`.
+    A connection object has a ``transport`` and a ``guard_busy()`` method (a request is in progress: its head has
+    arrived and its answer is not complete). Its server calls, on the event loop: :meth:`admit` when it opens (close
+    it when False: over the cap with every connection busy), :meth:`waiting` when it answered its last request,
+    :meth:`forget` when it closed. uvicorn's protocols do so through :class:`GuardedProtocol`; an HTTP/2 server of
+    our own would call ``waiting(conn, idle=True)`` when its last stream ends. :class:`Connections` sweeps.
     """
 
-    def __init__(self, header_timeout: float, idle_timeout: float, cap: int = 0) -> None:
+    def __init__(self, transport: str, header_timeout: float, idle_timeout: float, cap: int = AUTO_MAX) -> None:
+        self.transport = transport
         self.header_timeout = header_timeout
         self.idle_timeout = idle_timeout
-        self.cap = cap or AUTO_MAX
+        self.cap = cap
         self.open = 0
         self.closed: Counter[str] = Counter()
+        # connections between requests, by deadline kind, oldest first: {connection: since}. Busy ones are dropped
+        # lazily, when a sweep or an eviction meets them.
+        self._heads: dict[Any, float] = {}  # waiting for a request head: header_timeout
+        self._idle: dict[Any, float] = {}  # idle between requests: idle_timeout (uvicorn keeps its own timer too)
+
+    def admit(self, conn: Any) -> bool:
+        """Count a new connection; over the cap, close the one waiting longest (idle ones first) to make room, or
+        refuse this one (False) when every open connection is busy."""
+        if self.open >= self.cap and not self._evict():
+            self.closed["refused"] += 1
+            return False
+        self.open += 1
+        conn._guard_counted = True
+        self.waiting(conn)
+        return True
+
+    def waiting(self, conn: Any, idle: bool = False) -> None:
+        """``conn`` now waits for a request head: it opened, or answered its last request (``idle``: close it at the
+        idle timeout rather than the header timeout)."""
+        self._heads.pop(conn, None)
+        self._idle.pop(conn, None)
+        (self._idle if idle else self._heads)[conn] = time.monotonic()
+
+    def forget(self, conn: Any) -> None:
+        """``conn`` closed (idempotent)."""
+        self._heads.pop(conn, None)
+        self._idle.pop(conn, None)
+        if getattr(conn, "_guard_counted", False):
+            conn._guard_counted = False
+            self.open -= 1
+
+    def sweep(self, now: float) -> None:
+        """Close the connections whose header or idle deadline has passed."""
+        for waiting, timeout, reason in (
+            (self._heads, self.header_timeout, "header_timeout"),
+            (self._idle, self.idle_timeout, "idle_timeout"),
+        ):
+            expired = now - timeout
+            for conn, since in list(waiting.items()):
+                if since > expired:
+                    break
+                if conn.guard_busy():
+                    del waiting[conn]
+                elif conn.transport.is_closing():
+                    self.forget(conn)
+                else:
+                    self._close(conn, reason)
+
+    def _evict(self) -> bool:
+        for waiting in (self._idle, self._heads):
+            for conn in list(waiting):
+                if conn.guard_busy():
+                    del waiting[conn]
+                    continue
+                if conn.transport.is_closing():  # closing already: its place is free
+                    self.forget(conn)
+                else:
+                    self._close(conn, "evicted")
+                return True
+        return False
+
+    def _close(self, conn: Any, reason: str) -> None:
+        self.closed[reason] += 1
+        self.forget(conn)
+        conn.transport.close()
+
+    def samples(self) -> Iterator[tuple[str, dict[str, str], float]]:
+        """(name, labels, value) of this transport's connection metrics (see :mod:`service.metrics`)."""
+        yield "bnfold_connections_open", {"transport": self.transport}, float(self.open)
+        yield "bnfold_connections_max", {"transport": self.transport}, float(self.cap)
+        for reason in REASONS:
+            labels = {"transport": self.transport, "reason": reason}
+            yield "bnfold_connections_closed_total", labels, float(self.closed[reason])
+
+
+class Connections:
+    """The server's connection limits: the REST guard (uvicorn), gRPC's (grpcio options and the socket-level guard),
+    the sweep timer, the summary line and the metrics."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.header_timeout = settings.header_timeout_seconds
+        self.idle_timeout = settings.idle_timeout_seconds
+        self.setting = settings.max_connections
+        self.rest = ConnectionGuard(
+            "rest", self.header_timeout, self.idle_timeout, settings.max_connections or AUTO_MAX
+        )
         self.grpc_port = 0
         self.grpc_cap = 0
         self.grpc_evicted = 0
         self._files_at_start = 0
         self._pressed = False  # gRPC's connections near its cap at the last sweep
-        # connections between requests (or before their first), oldest first: {protocol: since}; busy ones are
-        # dropped lazily, when a sweep or an eviction meets them
-        self._waiting: dict[Any, float] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._reported: Counter[str] = Counter()
         self._reported_grpc = 0
         self._reported_at: float | None = None
 
-    @classmethod
-    def from_settings(cls, settings: Settings) -> ConnectionGuard:
-        return cls(settings.header_timeout_seconds, settings.idle_timeout_seconds, settings.max_connections)
-
     # ------------------------------------------------------------------ life cycle (the server's event loop)
-    def start(self, setting: int, grpc_port: int = 0) -> None:
+    def start(self, grpc_port: int = 0) -> None:
         """Fix the caps from the file limit now (models loaded) and start sweeping on the running loop."""
-        transports = 2 if grpc_port else 1
         self._files_at_start = open_files()
-        self.cap = connection_cap(setting, transports, in_use=self._files_at_start)
-        self.grpc_port, self.grpc_cap = grpc_port, (self.cap if grpc_port else 0)
+        cap = connection_cap(self.setting, 2 if grpc_port else 1, in_use=self._files_at_start)
+        self.rest.cap = cap
+        self.grpc_port, self.grpc_cap = grpc_port, (cap if grpc_port else 0)
         self._loop = asyncio.get_running_loop()
         self._arm()
         log.info(
             "connections: at most %d per transport (file limit %d), request head within %g s, idle %g s",
-            self.cap,
+            cap,
             file_limit(),
             self.header_timeout,
             self.idle_timeout,
         )
 
     def grpc_options(self) -> list[tuple[str, int]]:
-        """The gRPC server options of these limits (after :meth:`start`)."""
+        """grpcio server options of these limits (after :meth:`start`)."""
         return grpc_options(self.header_timeout, self.idle_timeout, self.grpc_cap)
 
     def stop(self) -> None:
@@ -257,58 +355,8 @@ class ConnectionGuard:
         every = PRESSED_SWEEP_SECONDS if self._pressed else SWEEP_SECONDS
         self._timer = self._loop.call_later(min(every, self.header_timeout / 4), self._sweep)
 
-    # ------------------------------------------------------------------ per connection
-    def admit(self, conn: Any) -> bool:
-        """Count a new connection; over the cap, close the one waiting longest for a request head to make room,
-        or refuse this one (False) when every open connection is busy."""
-        if self.open >= self.cap and not self._evict():
-            self.closed["refused"] += 1
-            return False
-        self.open += 1
-        conn._guard_counted = True
-        self.waiting(conn)
-        return True
-
-    def waiting(self, conn: Any) -> None:
-        """``conn`` now waits for a request head (it opened, or answered its last request)."""
-        self._waiting.pop(conn, None)
-        self._waiting[conn] = time.monotonic()
-
-    def forget(self, conn: Any) -> None:
-        """``conn`` closed (idempotent)."""
-        self._waiting.pop(conn, None)
-        if getattr(conn, "_guard_counted", False):
-            conn._guard_counted = False
-            self.open -= 1
-
-    def _evict(self) -> bool:
-        for conn in list(self._waiting):
-            if _busy(conn):
-                del self._waiting[conn]
-                continue
-            if conn.transport.is_closing():  # closing already: its place is free
-                self.forget(conn)
-            else:
-                self._close(conn, "evicted")
-            return True
-        return False
-
-    def _close(self, conn: Any, reason: str) -> None:
-        self.closed[reason] += 1
-        self.forget(conn)
-        conn.transport.close()
-
     def _sweep(self) -> None:
-        expired = time.monotonic() - self.header_timeout
-        for conn, since in list(self._waiting.items()):
-            if since > expired:
-                break
-            if _busy(conn):
-                del self._waiting[conn]
-            elif conn.transport.is_closing():
-                self.forget(conn)
-            else:
-                self._close(conn, "header_timeout")
+        self.rest.sweep(time.monotonic())
         if self.grpc_port:
             self._sweep_grpc()
         self._report()
@@ -321,14 +369,15 @@ class ConnectionGuard:
     def _sweep_grpc(self) -> None:
         # cheap test first: the files open beyond the REST connections and those open at start
         keep = self.grpc_cap - self.grpc_room()
-        self._pressed = open_files() - self.open - self._files_at_start >= keep
+        self._pressed = open_files() - self.rest.open - self._files_at_start >= keep
         if self._pressed:
             self.grpc_evicted += close_callless(self.grpc_port, keep)
 
     # ------------------------------------------------------------------ the summary line
     def _report(self, force: bool = False) -> None:
+        closed = self.rest.closed
         hostile = ("header_timeout", "evicted", "refused")
-        new = {r: self.closed[r] - self._reported[r] for r in REASONS}
+        new = {r: closed[r] - self._reported[r] for r in REASONS}
         grpc_new = self.grpc_evicted - self._reported_grpc
         if not any(new[r] for r in hostile) and not grpc_new:
             return
@@ -344,37 +393,25 @@ class ConnectionGuard:
             new["idle_timeout"],
             self.idle_timeout,
             new["evicted"],
-            self.cap,
+            self.rest.cap,
             new["refused"],
-            self.open,
+            self.rest.open,
             grpc if self.grpc_port else "",
             REPORT_EVERY_SECONDS,
         )
-        self._reported = Counter(self.closed)
+        self._reported = Counter(closed)
         self._reported_grpc = self.grpc_evicted
         self._reported_at = now
 
     # ------------------------------------------------------------------ metrics
     def samples(self) -> Iterator[tuple[str, dict[str, str], float]]:
         """(name, labels, value) of the connection metrics (see :mod:`service.metrics`)."""
-        yield "bnfold_connections_open", {"transport": "rest"}, float(self.open)
-        yield "bnfold_connections_max", {"transport": "rest"}, float(self.cap)
-        for reason in REASONS:
-            yield "bnfold_connections_closed_total", {"transport": "rest", "reason": reason}, float(self.closed[reason])
+        yield from self.rest.samples()
         if self.grpc_port:
             yield "bnfold_connections_open", {"transport": "grpc"}, float(len(sockets_on_port(self.grpc_port)))
             yield "bnfold_connections_max", {"transport": "grpc"}, float(self.grpc_cap)
-            yield (
-                "bnfold_connections_closed_total",
-                {"transport": "grpc", "reason": "evicted"},
-                float(self.grpc_evicted),
-            )
-
-
-def _busy(conn: Any) -> bool:
-    """A request head has arrived and its answer is not complete."""
-    cycle = conn.cycle
-    return cycle is not None and not cycle.response_complete
+            labels = {"transport": "grpc", "reason": "evicted"}
+            yield "bnfold_connections_closed_total", labels, float(self.grpc_evicted)
 
 
 def guard_of(app: Any) -> ConnectionGuard | None:
@@ -421,10 +458,15 @@ class GuardedProtocol:
             self._guard.closed["idle_timeout"] += 1
         super().timeout_keep_alive_handler()  # type: ignore[misc]
 
+    def guard_busy(self) -> bool:
+        """A request head has arrived and its answer is not complete."""
+        cycle = self.cycle
+        return cycle is not None and not cycle.response_complete
+
     def shutdown(self) -> None:
         """uvicorn's shutdown closes a connection between requests at once; here it stays open until its
         timeout and answers what arrives meanwhile with ``Connection: close``."""
-        if self._guard is None or _busy(self):
+        if self._guard is None or self.guard_busy():
             super().shutdown()  # type: ignore[misc]
             return
         self._draining = True

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import json
 import socket
+import time
 
 import pytest
 
-from service.connections import AUTO_MAX, RESERVE, connection_cap
+from service.connections import AUTO_MAX, RESERVE, ConnectionGuard, connection_cap
 from tests.support.reliability import DIGITS, read_reply, request_bytes
 from tests.support.servers import InThread, in_process
 
@@ -45,6 +46,46 @@ def test_cap_is_what_the_file_limit_leaves_shared_by_the_transports() -> None:
     assert connection_cap(0, 1, limit=1 << 20, in_use=40) == AUTO_MAX
     assert connection_cap(0, 2, limit=64, in_use=40) == 1  # never 0: a server that accepts nothing is no server
     assert connection_cap(300, 2, limit=1024, in_use=40) == 300  # the setting wins
+
+
+class FakeTransport:
+    closing = False
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def close(self) -> None:
+        self.closing = True
+
+
+class FakeConnection:
+    """What a server of our own (an HTTP/2 one, say) hands the guard: a transport and ``guard_busy()``."""
+
+    def __init__(self) -> None:
+        self.transport = FakeTransport()
+        self.busy = False
+
+    def guard_busy(self) -> bool:
+        return self.busy
+
+
+def test_guard_for_any_asyncio_server() -> None:
+    guard = ConnectionGuard("grpc", header_timeout=10, idle_timeout=5, cap=3)
+    a, b, c, d = (FakeConnection() for _ in range(4))
+    assert all(guard.admit(conn) for conn in (a, b, c))
+    b.busy = True
+    guard.waiting(c, idle=True)  # answered its last call
+    assert guard.admit(d)  # over the cap: the idle one makes room before those waiting for a first request
+    assert c.transport.closing and not a.transport.closing
+    guard.sweep(time.monotonic() + 11)  # past the header deadline: a and d close, the busy one stays
+    assert a.transport.closing and d.transport.closing and not b.transport.closing
+    assert guard.open == 1
+    e, f, g = (FakeConnection() for _ in range(3))
+    assert guard.admit(e) and guard.admit(f)
+    e.busy = f.busy = True
+    assert not guard.admit(g)  # every open connection busy: refused
+    closed = {labels.get("reason"): v for name, labels, v in guard.samples() if name.endswith("_total")}
+    assert closed == {"header_timeout": 2, "idle_timeout": 0, "evicted": 1, "refused": 1}
 
 
 def test_connection_without_a_request_head_is_closed_after_the_header_timeout() -> None:
