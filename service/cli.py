@@ -175,6 +175,8 @@ def serve(settings: Settings, overrides: dict[str, Any] | None = None) -> int:
     """Run uvicorn until SIGTERM/SIGINT; the in-flight requests finish first."""
     import uvicorn  # noqa: PLC0415  (convert/inspect do not need the web stack)
 
+    from service import connections  # noqa: PLC0415
+
     logging.getLogger("bnfold").setLevel(settings.log_level.upper())
     if settings.log_format == "json":
         from service.logging_setup import json_log_config  # noqa: PLC0415
@@ -196,9 +198,10 @@ def serve(settings: Settings, overrides: dict[str, Any] | None = None) -> int:
         "server_header": False,
         "date_header": False,
         "timeout_graceful_shutdown": settings.graceful_shutdown_seconds,
+        "timeout_keep_alive": settings.idle_timeout_seconds,
         # uvloop and httptools when installed (dependencies where wheels exist); service.rest.serverinfo reports which
         "loop": "auto",
-        "http": "auto",
+        "http": connections.protocol(),  # uvicorn's "auto" parser with the connection guard mixed in
     }
     if settings.workers > 1:
         # worker processes build their own app from the environment: pass the flags on through it

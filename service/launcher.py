@@ -311,6 +311,7 @@ def in_thread(settings: Settings | None = None, timeout: float = 120) -> Iterato
 def _serve_in_thread(settings: Settings | None, timeout: float) -> Iterator[tuple[Any, int]]:
     import uvicorn  # noqa: PLC0415  (the launcher itself needs no web stack)
 
+    from service import connections  # noqa: PLC0415
     from service.server import create_app  # noqa: PLC0415
     from service.settings import Settings  # noqa: PLC0415
 
@@ -320,7 +321,14 @@ def _serve_in_thread(settings: Settings | None, timeout: float) -> Iterator[tupl
     app = create_app(settings)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))  # bound here and handed to uvicorn: no race for the port
-    config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="on")
+    config = uvicorn.Config(
+        app,
+        log_config=None,
+        access_log=False,
+        lifespan="on",
+        http=connections.protocol(),
+        timeout_keep_alive=settings.idle_timeout_seconds,  # type: ignore[arg-type]  # a float works
+    )
     server = uvicorn.Server(config)
     exit_codes: list[object] = []
 

@@ -7,11 +7,14 @@ processes, each process exports its own figures; scrape through the container or
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 __all__ = ["CONTENT_TYPE", "Metrics"]
 
@@ -134,5 +137,33 @@ class Metrics:
             self.batch_delay.labels(model, version),
         )
 
+    def add_samples(self, samples: Callable[[], Iterable[tuple[str, dict[str, str], float]]]) -> None:
+        """Figures read only when scraped: ``samples()`` yields (name, labels, value); names ending in ``_total``
+        are counters, the others gauges (help texts in :data:`HELP`)."""
+        self.registry.register(_Samples(samples))
+
     def export(self) -> bytes:
         return generate_latest(self.registry)
+
+
+HELP = {
+    "bnfold_connections_open": "Open client connections, by transport",
+    "bnfold_connections_max": "Open connections allowed, by transport (BNFOLD_MAX_CONNECTIONS or the file limit)",
+    "bnfold_connections_closed_total": "Connections the server closed or refused, by transport and reason",
+}
+
+
+class _Samples(Collector):
+    def __init__(self, samples: Callable[[], Iterable[tuple[str, dict[str, str], float]]]) -> None:
+        self.samples = samples
+
+    def collect(self) -> Iterator[Metric]:
+        families: dict[str, Any] = {}
+        for name, labels, value in self.samples():
+            family = families.get(name)
+            if family is None:
+                kind = CounterMetricFamily if name.endswith("_total") else GaugeMetricFamily
+                base = name.removesuffix("_total")
+                family = families[name] = kind(base, HELP.get(name, name), labels=list(labels))
+            family.add_metric(list(labels.values()), value)
+        yield from families.values()

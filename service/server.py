@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator, Callable
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
+from service.connections import Connections
 from service.dataplane import DataPlane
 from service.metrics import Metrics
 from service.rest import app as rest_app
@@ -49,6 +50,9 @@ class Server:
         self.dataplane = DataPlane(settings, self.repository, self.scheduler, self.metrics)
         self.app = rest_app.build(self.dataplane, self.lifespan)
         self.app.app.state.server = self
+        self.connections = Connections(settings)
+        self.metrics.add_samples(self.connections.samples)
+        self.app.connection_guard = self.connections.rest  # where uvicorn's protocol finds it (service.connections)
         self.grpc: GrpcTransport | None = None
         self._poller: asyncio.Task[None] | None = None
 
@@ -73,8 +77,9 @@ class Server:
         self.metrics.server_info.labels(loop, parser).set(1)
         log.info("event loop %s, HTTP parser %s", loop, parser)
         log.info("ready: %d model version(s) serving", self.repository.ready_count())
+        self.connections.start(s.grpc_port)  # the caps from the files left once models loaded
         if self.grpc is not None:
-            await self.grpc.start()
+            await self.grpc.start(self.connections.grpc_options())
         if s.repository_poll_seconds > 0:
             self._poller = asyncio.create_task(self.poll())
 
@@ -104,6 +109,7 @@ class Server:
                 await self._poller
         if self.grpc is not None:
             await self.grpc.stop()
+        self.connections.stop()
         self.scheduler.close()
 
     @contextlib.asynccontextmanager

@@ -121,6 +121,31 @@ class Settings(BaseSettings):
     api_key: SecretStr | None = Field(
         None, description="When set, model and inference endpoints need `Authorization: Bearer <key>`."
     )
+    header_timeout_seconds: float = Field(
+        10.0,
+        gt=0,
+        description="A connection that has not sent a complete request head this long after it opened or after its "
+        "last answer is closed (slowloris); for gRPC, the HTTP/2 handshake's limit.",
+    )
+    idle_timeout_seconds: float = Field(
+        5.0,
+        gt=0,
+        description="A keep-alive connection idle this long between requests is closed; a gRPC connection with no "
+        "call this long gets GOAWAY (clients reconnect on their next call).",
+    )
+    max_connections: int = Field(
+        0,
+        ge=0,
+        description="Open connections allowed per transport (REST, gRPC); 0: what the open-file limit "
+        "(`ulimit -n`) leaves once the models are loaded, less 64, shared by the transports, at most 10000. Over it "
+        "a REST connection replaces the one waiting longest for a request head, or gets 503 when all are busy; gRPC "
+        "closes it.",
+    )
+    metrics_public: bool = Field(
+        False,
+        description="`true`: `/metrics` answers without the API key (for a scraper that cannot send one); by "
+        "default it needs the key when `BNFOLD_API_KEY` is set, as the model endpoints do.",
+    )
     graceful_shutdown_seconds: int = Field(
         30, ge=0, description="On SIGTERM, how long in-flight requests may take to finish."
     )

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import grpc
@@ -210,9 +210,12 @@ class GrpcTransport:
         host = f"[{s.host}]" if ":" in s.host and not s.host.startswith("[") else s.host
         return f"{host}:{s.grpc_port}"
 
-    async def start(self) -> None:
+    async def start(self, connection_options: Sequence[tuple[str, int]] = ()) -> None:
+        """Listen and serve; ``connection_options``: the connection guard's limits as grpcio server options
+        (:meth:`service.connections.ConnectionGuard.grpc_options`)."""
         s = self.dataplane.settings
         options = [
+            *connection_options,
             ("grpc.max_receive_message_length", s.max_body_bytes),
             ("grpc.max_send_message_length", -1),
             # with --workers N every process binds the port, as uvicorn's do for REST; alone, a taken port

@@ -57,6 +57,8 @@ WANTED = {
 class InferenceMiddleware:
     """The outermost ASGI layer: inference requests here, everything else (lifespan too) to ``app``."""
 
+    connection_guard: Any = None  # the server's ConnectionGuard, found here by uvicorn's protocol (service.connections)
+
     def __init__(self, app: Any, dataplane: DataPlane) -> None:
         self.app = app
         self.dataplane = dataplane

@@ -79,7 +79,10 @@ async def ready(request: Request) -> Response:
 
 @router.get("/metrics", tags=["health"], response_class=Response)
 async def metrics(request: Request) -> Response:
-    return Response(dataplane(request).metrics.export(), media_type=CONTENT_TYPE)
+    plane = dataplane(request)
+    if not plane.settings.metrics_public:
+        plane.authorize(credentials(request))  # model names, versions and traffic: behind the key, when one is set
+    return Response(plane.metrics.export(), media_type=CONTENT_TYPE)
 
 
 # ------------------------------------------------------------------------------------- model endpoints

@@ -157,7 +157,8 @@ def limited(repo: Path) -> Iterator[InThread]:
         yield srv
 
 
-AUTH = {"Authorization": "Bearer s3cret"}
+KEY = "s3cret"
+AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
 def test_body_limit_is_413_also_when_inflated(limited: InThread) -> None:
@@ -176,10 +177,12 @@ def test_body_limit_is_413_also_when_inflated(limited: InThread) -> None:
         assert r.status_code == 413
 
 
-def test_api_key_guards_models_not_health_or_metrics(limited: InThread) -> None:
+def test_api_key_guards_models_and_metrics_not_health(limited: InThread) -> None:
     with limited.client() as http:
-        for path in ("/v2/health/live", "/v2/health/ready", "/metrics", "/v2"):
+        for path in ("/v2/health/live", "/v2/health/ready", "/v2"):
             assert http.get(path).status_code == 200, path
+        assert http.get("/metrics").status_code == 401  # model names, versions and traffic
+        assert http.get("/metrics", headers=AUTH).status_code == 200
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
             r = http.get("/v2/models/digits", headers=headers)
             assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
@@ -203,14 +206,14 @@ def test_full_queue_answers_503_with_retry_after_then_recovers(limited: InThread
         with limited.client(headers=AUTH) as http:
             statuses.append(http.post("/v2/models/static/infer", json=STATIC).status_code)
 
-    wait_until(lambda: metric(limited, "bnfold_requests_in_flight") == 0, 30, what="no inference in flight")
+    wait_until(lambda: metric(limited, "bnfold_requests_in_flight", KEY) == 0, 30, what="no inference in flight")
     with hold_inference() as held:
         computing = threading.Thread(target=worker)
         computing.start()
         held.wait_entered()
         queued = threading.Thread(target=worker)
         queued.start()
-        wait_until(lambda: metric(limited, "bnfold_requests_in_flight") == 2, 30, what="one computing, one queued")
+        wait_until(lambda: metric(limited, "bnfold_requests_in_flight", KEY) == 2, 30, what="one computing, one queued")
         with limited.client(headers=AUTH, timeout=20) as http:
             refused = http.post("/v2/models/static/infer", json=STATIC)
         assert refused.status_code == 503 and refused.headers["retry-after"] == "2", refused.text
@@ -270,7 +273,7 @@ def test_a_body_that_never_arrives_is_408_and_frees_its_place(limited: InThread)
     import socket
 
     # an earlier test's slow request may still hold the single slot
-    wait_until(lambda: metric(limited, "bnfold_requests_in_flight") == 0, 30, what="no inference in flight")
+    wait_until(lambda: metric(limited, "bnfold_requests_in_flight", KEY) == 0, 30, what="no inference in flight")
 
     with socket.create_connection(("127.0.0.1", limited.port), timeout=10) as sock:
         sock.sendall(

@@ -374,7 +374,7 @@ def test_full_queue_is_unavailable_with_retry_after(limited: GrpcServer) -> None
         first = pool.submit(call)
         held.wait_entered()
         second = pool.submit(call)
-        wait_until(lambda: metric(limited.server, "bnfold_requests_in_flight") == 2, 60, what="both places taken")
+        wait_until(lambda: metric(limited.server, "bnfold_requests_in_flight", KEY) == 2, 60, what="both places taken")
         for _ in range(3):
             error = grpc_error(limited.target, slow_request(), metadata=metadata, timeout=60)
             assert error.code() == grpc.StatusCode.UNAVAILABLE, error

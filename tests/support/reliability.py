@@ -101,9 +101,10 @@ def reset_hwm(pid: int) -> None:
     Path(f"/proc/{pid}/clear_refs").write_text("5")
 
 
-def metric(server: Server | InThread, name: str) -> float:
-    """Sum of a Prometheus sample over its labels (0 when absent)."""
-    text = call(server.port, "GET", "/metrics").body.decode()
+def metric(server: Server | InThread, name: str, key: str | None = None) -> float:
+    """Sum of a Prometheus sample over its labels (0 when absent); ``key``: the server's API key, if it has one."""
+    headers = {"Authorization": f"Bearer {key}"} if key else None
+    text = call(server.port, "GET", "/metrics", headers=headers).body.decode()
     total = 0.0
     for line in text.splitlines():
         if line.startswith(name + " ") or line.startswith(name + "{"):

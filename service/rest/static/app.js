@@ -860,7 +860,7 @@
   async function refresh() {
     clearTimeout(refreshTimer);
     try {
-      const res = await fetch("metrics", { cache: "no-store" });
+      const res = await fetch("metrics", { headers: authHeaders(), cache: "no-store" });
       if (!res.ok) throw await failure(res);
       const stats = modelStats(parseMetrics(await res.text()));
       const container = document.getElementById("models");
@@ -915,6 +915,7 @@
   function useKey() {
     apiKey = document.getElementById("api-key").value.trim();
     loadCards([...cards.values()].filter((c) => !c.meta));
+    scheduleRefresh(0); // the model list comes from /metrics, which needs the key too when one is set
   }
 
   document.addEventListener("DOMContentLoaded", () => {
