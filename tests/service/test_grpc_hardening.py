@@ -20,9 +20,9 @@ import pytest
 from grpc_health.v1 import health_pb2
 from tritonclient.grpc import service_pb2
 
-from tests.reliability.helpers import wait_until
-from tests.service.grpc_servers import GrpcServer, build_grpc_repository, start_grpc
-from tests.service.servers import free_port, hold_inference, in_process, save, slow_model
+from tests.support.grpc_servers import GrpcServer, build_grpc_repository, start_grpc
+from tests.support.reliability import wait_until
+from tests.support.servers import free_port, hold_inference, in_process, save, slow_model
 
 INFER = "/inference.GRPCInferenceService/ModelInfer"
 METHODS = [

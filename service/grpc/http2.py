@@ -23,7 +23,7 @@ import time
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import hpack
 
@@ -74,8 +74,9 @@ class Call:
         return self.metadata.get(name)
 
 
-Unary = Callable[[bytes, Call], Awaitable[bytes]]
-ServerStream = Callable[[bytes, Call], AsyncIterator[bytes]]
+Payload = bytes | memoryview  # a request message: a view of the bytes received, where it can be
+Unary = Callable[[Payload, Call], Awaitable[bytes]]
+ServerStream = Callable[[Payload, Call], AsyncIterator[bytes]]
 
 
 @dataclass
@@ -176,10 +177,12 @@ class Connection(asyncio.Protocol):
         self.peer_max_frame = 16384
         self.unread = 0
         self.going_away = False
+        self.data_stream: Stream | None = None  # the DATA frame being read: its stream, flags, size, bytes left
+        self.data_flags = self.data_size = self.data_left = 0
 
     # ------------------------------------------------------------------------------ asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]  # uvloop's TCPTransport is not a subclass
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's TCPTransport is not a subclass
         self.server.connections.add(self)
         settings = struct.pack(
             ">HIHIHIHI",
@@ -193,7 +196,7 @@ class Connection(asyncio.Protocol):
             MAX_HEADER_LIST,
         )
         update = _frame(WINDOW_UPDATE, 0, 0, _FRAME.pack(CONNECTION_WINDOW - 65535))
-        transport.write(_frame(SETTINGS, 0, 0, settings) + update)
+        self.write(_frame(SETTINGS, 0, 0, settings) + update)
         if self.server.draining:
             self.goaway(NO_ERROR)
 
@@ -207,9 +210,9 @@ class Connection(asyncio.Protocol):
         self.transport = None
 
     def data_received(self, data: bytes) -> None:
-        buf = self.buffer
-        buf += data
         if not self.preface:
+            buf = self.buffer
+            buf += data
             if len(buf) < len(PREFACE):
                 if not PREFACE.startswith(bytes(buf)):
                     self.close()
@@ -217,33 +220,92 @@ class Connection(asyncio.Protocol):
             if buf[: len(PREFACE)] != PREFACE:
                 self.close()
                 return
-            del buf[: len(PREFACE)]
+            data = bytes(buf[len(PREFACE) :])
+            self.buffer = bytearray()
             self.preface = True
-        pos, end = 0, len(buf)
         try:
-            while end - pos >= 9:
-                length = (buf[pos] << 16) | (buf[pos + 1] << 8) | buf[pos + 2]
-                if length > MAX_FRAME:
-                    raise ConnectionError_(FRAME_SIZE_ERROR)
-                if end - pos < 9 + length:
-                    break
-                kind, flags = buf[pos + 3], buf[pos + 4]
-                stream = _FRAME.unpack_from(buf, pos + 5)[0] & 0x7FFFFFFF
-                payload = bytes(buf[pos + 9 : pos + 9 + length])
-                pos += 9 + length
-                self.frame(kind, flags, stream, payload)
-                if self.transport is None:
-                    return
+            with memoryview(data) as view:
+                self.frames(data, view)
         except ConnectionError_ as exc:
             self.goaway(exc.code)
             self.close()
-            return
-        del buf[:pos]
+
+    def frames(self, data: bytes, view: memoryview) -> None:
+        """Read the frames in ``data``. A DATA frame's payload goes to its stream as it arrives, however the
+        reads cut it (each byte copied once, into the request body); other frames and frame headers cut by a
+        read wait in ``buffer``."""
+        pos, end = 0, len(data)
+        while pos < end and self.transport is not None:
+            if self.data_left:
+                n = min(self.data_left, end - pos)
+                self.data_chunk(view[pos : pos + n])
+                pos += n
+                self.data_left -= n
+                if not self.data_left:
+                    self.data_end()
+                continue
+            buf = self.buffer
+            if buf or end - pos < 9:  # a frame cut by a read
+                if len(buf) < 9:
+                    take = min(9 - len(buf), end - pos)
+                    buf += view[pos : pos + take]
+                    pos += take
+                    if len(buf) < 9:
+                        return
+                length, kind, flags, sid = self.header(buf, 0)
+                if kind == DATA and not flags & PADDED:
+                    self.buffer = bytearray()
+                    self.data_begin(flags, sid, length)
+                    continue
+                take = min(9 + length - len(buf), end - pos)
+                buf += view[pos : pos + take]
+                pos += take
+                if len(buf) < 9 + length:
+                    return
+                self.buffer = bytearray()
+                self.frame(kind, flags, sid, bytes(buf[9:]))
+                continue
+            length, kind, flags, sid = self.header(data, pos)
+            if kind == DATA and not flags & PADDED and end - pos - 9 >= length:
+                # the common case inline (a call per frame counts at 16 KiB a frame): a whole DATA frame for
+                # a stream whose message length has been checked
+                stream = self.streams.get(sid)
+                if stream is not None and not stream.ended and not stream.closed and len(stream.body) >= 5:
+                    stream.body += view[pos + 9 : pos + 9 + length]
+                    pos += 9 + length
+                    self.unread += length
+                    if self.unread >= CONNECTION_WINDOW // 2:
+                        self.write(_frame(WINDOW_UPDATE, 0, 0, _FRAME.pack(self.unread)))
+                        self.unread = 0
+                    if flags & END_STREAM:
+                        self.end_of_request(stream)
+                    else:
+                        stream.unread += length
+                        if stream.unread >= STREAM_WINDOW // 2:
+                            self.write(_frame(WINDOW_UPDATE, 0, sid, _FRAME.pack(stream.unread)))
+                            stream.unread = 0
+                    continue
+            if kind == DATA and not flags & PADDED:
+                pos += 9
+                self.data_begin(flags, sid, length)
+            elif end - pos >= 9 + length:
+                self.frame(kind, flags, sid, bytes(view[pos + 9 : pos + 9 + length]))
+                pos += 9 + length
+            else:
+                self.buffer = bytearray(view[pos:])
+                return
+
+    def header(self, src: bytes | bytearray, pos: int) -> tuple[int, int, int, int]:
+        length = (src[pos] << 16) | (src[pos + 1] << 8) | src[pos + 2]
+        if length > MAX_FRAME:
+            raise ConnectionError_(FRAME_SIZE_ERROR)
+        kind = src[pos + 3]
+        if self.continuing is not None and kind != CONTINUATION:
+            raise ConnectionError_(PROTOCOL_ERROR)
+        return length, kind, src[pos + 4], _FRAME.unpack_from(src, pos + 5)[0] & 0x7FFFFFFF
 
     # ---------------------------------------------------------------------------------------- frames
     def frame(self, kind: int, flags: int, sid: int, payload: bytes) -> None:
-        if self.continuing is not None and kind != CONTINUATION:
-            raise ConnectionError_(PROTOCOL_ERROR)
         if kind == DATA:
             self.on_data(flags, sid, payload)
         elif kind == HEADERS:
@@ -355,37 +417,54 @@ class Connection(asyncio.Protocol):
             self.end_of_request(stream)
 
     def on_data(self, flags: int, sid: int, payload: bytes) -> None:
-        size = len(payload)
-        self.unread += size
-        if self.unread >= CONNECTION_WINDOW // 2:
-            self.write(_frame(WINDOW_UPDATE, 0, 0, _FRAME.pack(self.unread)))
-            self.unread = 0
+        """A padded DATA frame, read whole."""
+        pad = payload[0] if payload else 0
+        if not payload or 1 + pad > len(payload):
+            raise ConnectionError_(PROTOCOL_ERROR)
+        self.data_begin(flags, sid, len(payload))
+        self.data_left = 0
+        self.data_chunk(memoryview(payload)[1 : len(payload) - pad], credit=len(payload))
+        self.data_end()
+
+    def data_begin(self, flags: int, sid: int, length: int) -> None:
         stream = self.streams.get(sid)
         if stream is None or stream.ended:
             if sid > self.last_stream:
                 raise ConnectionError_(PROTOCOL_ERROR)
-            return  # a stream already answered or reset: its data is dropped (and credited above)
-        if flags & PADDED:
-            payload = payload[1 : len(payload) - payload[0]]
-        if stream.task is None and not stream.closed:
-            body = stream.body
-            body += payload
-            if len(body) >= 5 and _FRAME.unpack_from(body, 1)[0] > self.server.max_message:
-                size_text = _FRAME.unpack_from(body, 1)[0]
+            stream = None  # a stream already answered or reset: its data is dropped (and credited)
+        self.data_stream, self.data_flags, self.data_size, self.data_left = stream, flags, length, length
+        if not length:
+            self.data_end()
+
+    def data_chunk(self, chunk: memoryview, credit: int = 0) -> None:
+        size = credit or len(chunk)
+        self.unread += size
+        if self.unread >= CONNECTION_WINDOW // 2:
+            self.write(_frame(WINDOW_UPDATE, 0, 0, _FRAME.pack(self.unread)))
+            self.unread = 0
+        stream = self.data_stream
+        if stream is None or stream.closed:
+            return
+        body = stream.body
+        short = len(body) < 5
+        body += chunk
+        if short and len(body) >= 5:
+            declared = _FRAME.unpack_from(body, 1)[0]
+            if declared > self.server.max_message:
                 stream.body = bytearray()
-                self.answer_error(
-                    stream,
-                    GrpcError(
-                        RESOURCE_EXHAUSTED,
-                        f"request message of {size_text} bytes is larger than {self.server.max_message}",
-                    ),
-                )
-        if flags & END_STREAM:
+                message = f"request message of {declared} bytes is larger than {self.server.max_message}"
+                self.answer_error(stream, GrpcError(RESOURCE_EXHAUSTED, message))
+
+    def data_end(self) -> None:
+        stream, self.data_stream = self.data_stream, None
+        if stream is None:
+            return
+        if self.data_flags & END_STREAM:
             self.end_of_request(stream)
         elif not stream.closed:
-            stream.unread += size
+            stream.unread += self.data_size
             if stream.unread >= STREAM_WINDOW // 2:
-                self.write(_frame(WINDOW_UPDATE, 0, sid, _FRAME.pack(stream.unread)))
+                self.write(_frame(WINDOW_UPDATE, 0, stream.id, _FRAME.pack(stream.unread)))
                 stream.unread = 0
 
     # ---------------------------------------------------------------------------------------- calls
@@ -408,7 +487,7 @@ class Connection(asyncio.Protocol):
         assert streaming is not None  # Http2Server.request refuses unknown methods
         stream.task = self.server.spawn(self.run_stream(stream, streaming, message, call), streaming=True)
 
-    async def run_unary(self, stream: Stream, method: Unary, message: bytes, call: Call) -> None:
+    async def run_unary(self, stream: Stream, method: Unary, message: Payload, call: Call) -> None:
         try:
             response = await method(message, call)
         except GrpcError as exc:
@@ -439,7 +518,7 @@ class Connection(asyncio.Protocol):
         stream.pending, stream.trailers = [data], _OK_TRAILERS
         self.flush_stream(stream)
 
-    async def run_stream(self, stream: Stream, method: ServerStream, message: bytes, call: Call) -> None:
+    async def run_stream(self, stream: Stream, method: ServerStream, message: Payload, call: Call) -> None:
         try:
             started = False
             async for response in method(message, call):
@@ -547,7 +626,7 @@ class Http2Server:
         )
         return int(self._server.sockets[0].getsockname()[1])
 
-    def request(self, headers: list[tuple[bytes, bytes]], body: bytearray) -> tuple[str, Call, bytes]:
+    def request(self, headers: list[tuple[bytes, bytes]], body: bytearray) -> tuple[str, Call, Payload]:
         """Check a complete request: (method path, call, the one request message); GrpcError if it is not one."""
         path = b""
         metadata: dict[bytes, bytes] = {}
@@ -576,12 +655,12 @@ class Http2Server:
             if len(body) < 5 + length:
                 raise GrpcError(INVALID_ARGUMENT, "the request message is truncated")
             raise GrpcError(INVALID_ARGUMENT, "expected one request message, got more")
-        message = bytes(body[5:])
+        message: Payload = memoryview(body)[5:]  # not copied: the stream lets go of its body
         if flag:
             message = self.decompress(metadata.get(b"grpc-encoding", b"identity"), message)
         return method, call, message
 
-    def decompress(self, encoding: bytes, data: bytes) -> bytes:
+    def decompress(self, encoding: bytes, data: Payload) -> bytes:
         wbits = {b"gzip": 16 + zlib.MAX_WBITS, b"deflate": zlib.MAX_WBITS}.get(encoding)
         if wbits is None:
             raise GrpcError(UNIMPLEMENTED, f"unsupported grpc-encoding {encoding[:40].decode('latin-1')!r}")
