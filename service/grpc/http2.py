@@ -41,7 +41,7 @@ S_MAX_FRAME_SIZE, S_MAX_HEADER_LIST_SIZE = 0x5, 0x6
 
 MAX_CONCURRENT_STREAMS = 1000
 STREAM_WINDOW = 1 << 20  # what a client may send on one stream before we have read it
-CONNECTION_WINDOW = 16 << 20
+CONNECTION_WINDOW = 16 << 20  # at least; one largest message and 1 MiB more when that is larger
 MAX_FRAME = 1 << 20  # the largest frame we accept (HTTP/2 allows up to 16 MiB)
 MAX_HEADER_LIST = 64 << 10
 MAX_MESSAGE_TEXT = 1024  # grpc-message is cut to this many characters
@@ -143,7 +143,20 @@ def parse_timeout(value: bytes) -> float | None:
 
 # ------------------------------------------------------------------------------------------------ streams
 class Stream:
-    __slots__ = ("body", "closed", "ended", "headers", "id", "pending", "send_window", "task", "trailers", "unread")
+    __slots__ = (
+        "body",
+        "buffered",
+        "closed",
+        "ended",
+        "headers",
+        "held",
+        "id",
+        "pending",
+        "send_window",
+        "task",
+        "trailers",
+        "unread",
+    )
 
     def __init__(self, stream_id: int, send_window: int) -> None:
         self.id = stream_id
@@ -156,6 +169,8 @@ class Stream:
         self.closed = False  # we are done with it (answered or reset)
         self.task: asyncio.Task[None] | None = None
         self.unread = 0  # bytes received on this stream not yet credited back with WINDOW_UPDATE
+        self.buffered = 0  # bytes of the unfinished request in ``body``
+        self.held = 0  # of those, not yet credited back to the connection's window
 
 
 class Connection(asyncio.Protocol):
@@ -176,6 +191,7 @@ class Connection(asyncio.Protocol):
         self.peer_window = 65535  # the client's SETTINGS_INITIAL_WINDOW_SIZE
         self.peer_max_frame = 16384
         self.unread = 0
+        self.buffered = 0  # bytes in the bodies of unfinished requests
         self.going_away = False
         self.data_stream: Stream | None = None  # the DATA frame being read: its stream, flags, size, bytes left
         self.data_flags = self.data_size = self.data_left = 0
@@ -195,7 +211,7 @@ class Connection(asyncio.Protocol):
             S_MAX_HEADER_LIST_SIZE,
             MAX_HEADER_LIST,
         )
-        update = _frame(WINDOW_UPDATE, 0, 0, _FRAME.pack(CONNECTION_WINDOW - 65535))
+        update = _frame(WINDOW_UPDATE, 0, 0, _FRAME.pack(self.server.connection_window - 65535))
         self.write(_frame(SETTINGS, 0, 0, settings) + update)
         if self.server.draining:
             self.goaway(NO_ERROR)
@@ -273,10 +289,7 @@ class Connection(asyncio.Protocol):
                 if stream is not None and not stream.ended and not stream.closed and len(stream.body) >= 5:
                     stream.body += view[pos + 9 : pos + 9 + length]
                     pos += 9 + length
-                    self.unread += length
-                    if self.unread >= CONNECTION_WINDOW // 2:
-                        self.write(_frame(WINDOW_UPDATE, 0, 0, _FRAME.pack(self.unread)))
-                        self.unread = 0
+                    self.buffer_for(stream, length)
                     if flags & END_STREAM:
                         self.end_of_request(stream)
                     else:
@@ -340,6 +353,8 @@ class Connection(asyncio.Protocol):
         elif kind == RST_STREAM:
             stream = self.streams.pop(sid, None)
             if stream is not None:
+                self.release(stream)
+                stream.body = bytearray()
                 stream.closed = True
                 if stream.task is not None:
                     stream.task.cancel()
@@ -438,13 +453,12 @@ class Connection(asyncio.Protocol):
 
     def data_chunk(self, chunk: memoryview, credit: int = 0) -> None:
         size = credit or len(chunk)
-        self.unread += size
-        if self.unread >= CONNECTION_WINDOW // 2:
-            self.write(_frame(WINDOW_UPDATE, 0, 0, _FRAME.pack(self.unread)))
-            self.unread = 0
         stream = self.data_stream
         if stream is None or stream.closed:
+            self.credit(size)
             return
+        self.credit(size - len(chunk))  # padding
+        self.buffer_for(stream, len(chunk))
         body = stream.body
         short = len(body) < 5
         body += chunk
@@ -454,6 +468,31 @@ class Connection(asyncio.Protocol):
                 stream.body = bytearray()
                 message = f"request message of {declared} bytes is larger than {self.server.max_message}"
                 self.answer_error(stream, GrpcError(RESOURCE_EXHAUSTED, message))
+
+    def buffer_for(self, stream: Stream, size: int) -> None:
+        """``size`` more bytes of an unfinished request: credited back at once while the connection's unfinished
+        requests hold less than its window, else only when their stream lets go of them. So half-sent requests
+        hold at most two windows of memory per connection, and one largest message always fits."""
+        stream.buffered += size
+        self.buffered += size
+        if self.buffered <= self.server.connection_window:
+            self.credit(size)
+        else:
+            stream.held += size
+
+    def credit(self, size: int) -> None:
+        """Give ``size`` bytes back to the connection's window (in WINDOW_UPDATEs of half the window or more)."""
+        self.unread += size
+        if self.unread >= self.server.connection_window // 2:
+            self.write(_frame(WINDOW_UPDATE, 0, 0, _FRAME.pack(self.unread)))
+            self.unread = 0
+
+    def release(self, stream: Stream) -> None:
+        self.buffered -= stream.buffered
+        stream.buffered = 0
+        if stream.held:
+            self.credit(stream.held)
+            stream.held = 0
 
     def data_end(self) -> None:
         stream, self.data_stream = self.data_stream, None
@@ -470,6 +509,7 @@ class Connection(asyncio.Protocol):
     # ---------------------------------------------------------------------------------------- calls
     def end_of_request(self, stream: Stream) -> None:
         stream.ended = True
+        self.release(stream)
         if stream.closed:
             self.streams.pop(stream.id, None)
             return
@@ -556,6 +596,7 @@ class Connection(asyncio.Protocol):
 
     def finish(self, stream: Stream) -> None:
         stream.closed = True
+        self.release(stream)
         stream.pending = []
         self.streams.pop(stream.id, None)
         if not stream.ended:  # answered before the client finished sending: tell it to stop
@@ -612,6 +653,7 @@ class Http2Server:
     def __init__(self, methods: Methods, max_message: int) -> None:
         self.methods = methods
         self.max_message = max_message
+        self.connection_window = min(max(CONNECTION_WINDOW, max_message + (1 << 20)), 0x7FFFFFFF)
         self.connections: set[Connection] = set()
         self.calls: set[asyncio.Task[None]] = set()
         self.streams_running: set[asyncio.Task[None]] = set()

@@ -301,3 +301,26 @@ def test_a_broken_connection_is_closed(wire: Callable[..., Wire], garbage: bytes
         assert w.closed
 
     asyncio.run(go())
+
+
+def test_half_sent_requests_hold_the_connection_window(wire: Callable[..., Wire]) -> None:
+    """Once a connection's unfinished requests hold a window's worth of bytes (16 MiB here), it credits no more
+    back: a client cannot make it buffer without bound by leaving requests unfinished. Finished ones give
+    their bytes back."""
+
+    async def go() -> None:
+        w = wire(max_message=1 << 20)
+        w.frames()
+        part = message(b"q" * 900_000)[:-1]
+        streams = range(1, 61, 2)  # 30 requests of 900 kB each, one byte short: 27 MB
+        for sid in streams:
+            w.send(frame(HEADERS, END_HEADERS, sid, w.headers(sid)) + frame(DATA, 0, sid, part))
+        updates = [struct.unpack(">I", p)[0] for kind, _, sid, p in w.frames() if kind == WINDOW_UPDATE and sid == 0]
+        assert sum(updates) <= 16 << 20
+        for sid in streams:
+            w.send(frame(DATA, END_STREAM, sid, b"q"))
+        await settle()
+        updates += [struct.unpack(">I", p)[0] for kind, _, sid, p in w.frames() if kind == WINDOW_UPDATE and sid == 0]
+        assert sum(updates) >= 30 * 900_000 - (8 << 20)
+
+    asyncio.run(go())
