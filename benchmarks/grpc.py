@@ -266,7 +266,14 @@ def table(result: dict[str, Any]) -> str:
         "model    c    server   transport |    req/s  p50 ms  p99 ms | CPU us/call | p50 overhead ms | errors",
         "-" * 98,
     ]
-    for key, cell in s.items():
+    servers = {name: i for i, name in enumerate(result["servers"])}
+
+    def order(key: str) -> tuple[int, int, int, str]:
+        server, transport, model, c = key.split("/")
+        return list(base).index(model), int(c[1:]), servers[server], transport
+
+    for key in sorted(s, key=order):
+        cell = s[key]
         server, transport, model, c = key.split("/")
         lines.append(
             f"{model:<8} {c[1:]:>3}  {server:<8} {'REST bin' if transport == 'rest' else 'gRPC':<9} | "
