@@ -46,6 +46,7 @@ MAX_FRAME = 1 << 20  # the largest frame we accept (HTTP/2 allows up to 16 MiB)
 MAX_HEADER_LIST = 64 << 10
 MAX_MESSAGE_TEXT = 1024  # grpc-message is cut to this many characters
 HEADER_CACHE = 64
+PREFACE_SECONDS = 10.0  # a connection that has not sent the HTTP/2 preface by then is closed
 
 # gRPC status codes (grpc.StatusCode's numbers, without importing grpc)
 OK, CANCELLED, UNKNOWN, INVALID_ARGUMENT, DEADLINE_EXCEEDED, NOT_FOUND = 0, 1, 2, 3, 4, 5
@@ -193,6 +194,7 @@ class Connection(asyncio.Protocol):
         self.unread = 0
         self.buffered = 0  # bytes in the bodies of unfinished requests
         self.going_away = False
+        self.preface_timer: asyncio.TimerHandle | None = None
         self.data_stream: Stream | None = None  # the DATA frame being read: its stream, flags, size, bytes left
         self.data_flags = self.data_size = self.data_left = 0
 
@@ -200,6 +202,7 @@ class Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's TCPTransport is not a subclass
         self.server.connections.add(self)
+        self.preface_timer = asyncio.get_running_loop().call_later(self.server.preface_seconds, self.no_preface)
         settings = struct.pack(
             ">HIHIHIHI",
             S_MAX_CONCURRENT_STREAMS,
@@ -216,8 +219,14 @@ class Connection(asyncio.Protocol):
         if self.server.draining:
             self.goaway(NO_ERROR)
 
+    def no_preface(self) -> None:
+        if not self.preface:
+            self.close()
+
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.connections.discard(self)
+        if self.preface_timer is not None:
+            self.preface_timer.cancel()
         for stream in self.streams.values():
             stream.closed = True
             if stream.task is not None:
@@ -653,6 +662,7 @@ class Http2Server:
     def __init__(self, methods: Methods, max_message: int) -> None:
         self.methods = methods
         self.max_message = max_message
+        self.preface_seconds = PREFACE_SECONDS
         self.connection_window = min(max(CONNECTION_WINDOW, max_message + (1 << 20)), 0x7FFFFFFF)
         self.connections: set[Connection] = set()
         self.calls: set[asyncio.Task[None]] = set()

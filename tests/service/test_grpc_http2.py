@@ -324,3 +324,21 @@ def test_half_sent_requests_hold_the_connection_window(wire: Callable[..., Wire]
         assert sum(updates) >= 30 * 900_000 - (8 << 20)
 
     asyncio.run(go())
+
+
+def test_a_connection_without_the_preface_is_closed() -> None:
+    async def go() -> None:
+        server = Http2Server(Methods(unary={ECHO: echo}), 1000)
+        server.preface_seconds = 0.01
+        silent, talking = Wire(Connection(server)), Wire(Connection(server))
+        for w in (silent, talking):
+            w.conn.connection_made(w)  # type: ignore[arg-type]
+        talking.send(PREFACE)
+        for _ in range(1000):
+            if silent.closed:
+                break
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)  # the talking connection's timer has run too
+        assert silent.closed and not talking.closed
+
+    asyncio.run(go())
