@@ -53,6 +53,7 @@ OK, CANCELLED, UNKNOWN, INVALID_ARGUMENT, DEADLINE_EXCEEDED, NOT_FOUND = 0, 1, 2
 RESOURCE_EXHAUSTED, UNIMPLEMENTED, INTERNAL, UNAVAILABLE, UNAUTHENTICATED = 8, 12, 13, 14, 16
 
 _FRAME = struct.Struct(">I")
+_FIXED_SIZE = {RST_STREAM: 4, PING: 8, WINDOW_UPDATE: 4, PRIORITY: 5}
 
 
 class GrpcError(Exception):
@@ -254,6 +255,9 @@ class Connection(asyncio.Protocol):
         except ConnectionError_ as exc:
             self.goaway(exc.code)
             self.close()
+        except (struct.error, IndexError, ValueError):  # a frame too short for its type (padding, SETTINGS)
+            self.goaway(FRAME_SIZE_ERROR)
+            self.close()
 
     def frames(self, data: bytes, view: memoryview) -> None:
         """Read the frames in ``data``. A DATA frame's payload goes to its stream as it arrives, however the
@@ -328,6 +332,8 @@ class Connection(asyncio.Protocol):
 
     # ---------------------------------------------------------------------------------------- frames
     def frame(self, kind: int, flags: int, sid: int, payload: bytes) -> None:
+        if len(payload) != _FIXED_SIZE.get(kind, len(payload)):
+            raise ConnectionError_(FRAME_SIZE_ERROR)
         if kind == DATA:
             self.on_data(flags, sid, payload)
         elif kind == HEADERS:
@@ -404,18 +410,17 @@ class Connection(asyncio.Protocol):
         cached = self.header_cache.get(block)
         if cached is not None:
             return cached
-        table = self.decoder.header_table
-        before = (len(table.dynamic_entries), table.dynamic_entries[0] if table.dynamic_entries else None)
+        entries = self.decoder.header_table.dynamic_entries
+        size, first = len(entries), entries[0] if entries else None
         try:
             headers = self.decoder.decode(block, raw=True)
         except hpack.OversizedHeaderListError:
             raise ConnectionError_(ENHANCE_YOUR_CALM) from None
         except hpack.HPACKError:
             raise ConnectionError_(COMPRESSION_ERROR) from None
-        entries = table.dynamic_entries
-        if before != (len(entries), entries[0] if entries else None):
+        if len(entries) != size or (entries[0] if entries else None) is not first:  # an entry added or evicted
             self.header_cache.clear()  # the table changed: blocks decoded before may now mean something else
-        elif len(self.header_cache) < HEADER_CACHE:
+        elif len(self.header_cache) < HEADER_CACHE and len(block) <= 1024:
             self.header_cache[block] = headers  # type: ignore[assignment]
         return headers  # type: ignore[return-value]
 

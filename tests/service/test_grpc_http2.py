@@ -289,7 +289,13 @@ def test_reset_cancels_the_call_and_stop_waits_only_for_calls_running(wire: Call
 
 @pytest.mark.parametrize(
     "garbage",
-    [b"GET / HTTP/1.1\r\n\r\n", frame(DATA, 0, 2, b"x"), frame(HEADERS, END_HEADERS, 1, b"\xff\xff\xff")],
+    [
+        b"GET / HTTP/1.1\r\n\r\n",
+        frame(DATA, 0, 2, b"x"),
+        frame(HEADERS, END_HEADERS, 1, b"\xff\xff\xff"),
+        frame(WINDOW_UPDATE, 0, 0, b"\x01"),
+        frame(RST_STREAM, 0, 1, b""),
+    ],
 )
 def test_a_broken_connection_is_closed(wire: Callable[..., Wire], garbage: bytes) -> None:
     async def go() -> None:
@@ -340,5 +346,29 @@ def test_a_connection_without_the_preface_is_closed() -> None:
             await asyncio.sleep(0.01)
         await asyncio.sleep(0.05)  # the talking connection's timer has run too
         assert silent.closed and not talking.closed
+
+    asyncio.run(go())
+
+
+def test_a_repeated_header_block_is_read_against_the_table_of_its_time(wire: Callable[..., Wire]) -> None:
+    """The same bytes (an indexed field, 0xbe: the newest table entry) mean what the table holds when they come:
+    the decoded-block cache must not answer from an older table."""
+
+    def string(value: bytes) -> bytes:
+        return bytes((len(value),)) + value
+
+    base = b"\x83\x86\x04" + string(ECHO.encode()) + b"\x0f\x10" + string(b"application/grpc")
+    tag = {t: base + b"\x40" + string(b"x-tag") + string(t) for t in (b"one", b"two")}  # added to the table
+    newest = base + b"\xbe"
+
+    async def go() -> None:
+        w = wire()
+        answers = []
+        for sid, block in enumerate([tag[b"one"], newest, newest, tag[b"two"], newest], start=0):
+            stream = 2 * sid + 1
+            w.send(frame(HEADERS, END_HEADERS, stream, block) + frame(DATA, END_STREAM, stream, message(b"m")))
+            await settle()
+            answers.append(w.answer(stream)[1])
+        assert answers == [message(b"echo:m:" + t) for t in (b"one", b"one", b"one", b"two", b"two")]
 
     asyncio.run(go())
