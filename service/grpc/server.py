@@ -107,9 +107,8 @@ class MalformedLog:
         now = time.monotonic()
         if now >= self.next_at:
             log.warning(
-                "gRPC: %d malformed request message(s) in the last %.0f s (last: %s, %s)",
+                "gRPC: %d malformed request message(s) since the last such line (the latest to %s: %s)",
                 self.count,
-                LOG_EVERY_SECONDS,
                 method[:100],
                 str(exc)[:100],
             )
