@@ -130,9 +130,9 @@ Handler = Callable[[Payload, Call], Awaitable[bytes]]
 class Inference:
     """The ``inference.GRPCInferenceService`` methods, bytes in and bytes out."""
 
-    def __init__(self, dataplane: DataPlane, malformed: MalformedLog) -> None:
+    def __init__(self, dataplane: DataPlane, malformed: MalformedLog | None = None) -> None:
         self.dataplane = dataplane
-        self.malformed = malformed
+        self.malformed = malformed or MalformedLog()
 
     def parse(self, kind: type[M], data: Payload, call: Call) -> M:
         try:
