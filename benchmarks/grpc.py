@@ -1,20 +1,29 @@
-"""gRPC vs REST binary on one ``bnfold serve`` process: p50/p99 latency and requests/s at c=1/8/32.
+"""gRPC ModelInfer and REST binary side by side: bnfold, NVIDIA Triton and MLServer on the same models, one run.
 
 Models and bodies are the serving benchmark's (``benchmarks._harness.prepare_models``: ``tiny`` 1×20 and
-``conv224`` 1×3×224×224, BatchNorm folded on load). One server (REST and gRPC in one process, default settings,
-pinned to CPU 0 like the serving benchmark) answers both; the load generator is ``h2load`` (Debian
-``nghttp2-client``, C, pinned to CPU 1): HTTP/2 with a pre-built length-prefixed ``ModelInferRequest``
-(``raw_input_contents``, as tritonclient.grpc sends it) for gRPC, ``--h1`` with the binary-extension body for
-REST. Per-request latencies come from h2load's ``--log-file``. Cells of one (model, concurrency) run back to back,
-their order alternating every round. The in-process reference is ``session.run`` alone, timed in a child pinned
-like the server; overhead = served p50 - in-process p50. h2load cannot read gRPC trailers, so every
-cell first checks one answer with the grpc library (status OK, output equal to ONNX Runtime's).
+``conv224`` 1×3×224×224; bnfold folds BatchNorm on load, the peers get the folded file). Servers, each pinned
+to CPU 0 and idle while another is measured, ONNX Runtime on as many intra-op threads as they have CPUs:
 
-MLServer's gRPC is not compared here (its REST is, in benchmarks/serving.py): not done in the time this
-benchmark had; see docs/grpc.md.
+- ``bnfold serve`` (REST and gRPC in one process, default settings);
+- Triton (``benchmarks/triton_peer.py``: the ``nvidia-pytriton`` wheel's ``tritonserver``, C++ HTTP and gRPC
+  front ends, a python-backend model running the same ONNX in ONNX Runtime), unless ``--skip-triton``;
+- MLServer 1.7.1 (``benchmarks/mlserver_runtime.py``, as in benchmarks/serving.py), gRPC only (its REST has
+  no binary tensors; its JSON is in benchmarks/serving.py), unless ``--skip-mlserver``.
 
-    .venv/bin/python -m benchmarks.grpc            # ~3 min, benchmarks/results/grpc.json
-    .venv/bin/python -m benchmarks.grpc --quick    # ~40 s
+The load generator is ``h2load`` (Debian ``nghttp2-client``, C, pinned to CPU 1): HTTP/2 with a pre-built
+length-prefixed ``ModelInferRequest`` (``raw_input_contents``, as tritonclient.grpc sends it) for gRPC, ``--h1``
+with the binary-extension body for REST. Per-request latencies come from h2load's ``--log-file``; server CPU
+per call is the user+system time of the server's whole process group (Triton's python backend runs in a
+child process) over the cell, divided by the calls answered. Cells of one (model, concurrency) run back to
+back, their order rotated every round; figures are medians over rounds. The in-process reference is
+``session.run`` alone, timed in a child pinned like the server; overhead = served p50 - in-process p50.
+h2load cannot read gRPC trailers, so every server's gRPC answer is first checked with the grpc library
+(status OK, output equal to ONNX Runtime's).
+
+    .venv/bin/python -m benchmarks.grpc --triton-python VENV/bin/python --mlserver-python VENV2/bin/python
+    .venv/bin/python -m benchmarks.grpc --quick --skip-triton --skip-mlserver   # bnfold alone, ~30 s
+
+(full run ~8 min, benchmarks/results/grpc.json; the peers' virtualenvs: docs/benchmarks.md.)
 """
 
 from __future__ import annotations
@@ -27,14 +36,16 @@ import struct
 import subprocess
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from benchmarks._harness import Bench, clean_env, parse_cpus, pinned, prepare_models
+from benchmarks._harness import Bench, clean_env, model_ready_paths, parse_cpus, pinned, prepare_models
 from benchmarks.environment import emit, git_state, host
+from benchmarks.serving import SESSION_OPTIONS, mlserver_config, start_mlserver
 from service.launcher import free_port, launch
 
 HERE = Path(__file__).resolve().parent
@@ -109,6 +120,61 @@ print(statistics.median(t))
     return float(out.stdout.split()[-1])
 
 
+def group_cpu_seconds(pgid: int) -> float:
+    """User + system CPU seconds of every live process in process group ``pgid`` (Linux /proc)."""
+    total = 0.0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid:
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+@dataclass
+class Target:
+    """One server's endpoints, the process group to charge CPU time to, and how to stop it."""
+
+    name: str
+    pgid: int
+    grpc_port: int
+    rest_url: str | None  # base URL of a REST binary endpoint, None when not measured
+    stop: Callable[[], None]
+
+
+def start_targets(tmp: Path, args: argparse.Namespace, benches: list[Bench], cpus: set[int] | None) -> list[Target]:
+    threads = len(cpus) if cpus else 0
+    targets: list[Target] = []
+    try:
+        grpc_port = free_port()
+        env = clean_env(
+            BNFOLD_GRPC_PORT=str(grpc_port), **({"BNFOLD_INTRA_OP_THREADS": str(threads)} if threads else {})
+        )
+        bnfold = launch(["--model-repository", str(tmp / "bnfold")], env=env, cpus=cpus, own_session=True,
+                        log=tmp / "bnfold.log")  # fmt: skip
+        targets.append(Target("bnfold", bnfold.proc.pid, grpc_port, bnfold.url, bnfold.stop))
+        if not args.skip_triton:
+            from benchmarks import triton_peer
+
+            files = {b.name: tmp / "mlserver" / b.name / "model.onnx" for b in benches}
+            peer = triton_peer.start(args.triton_python, files, cpus=cpus, intra_op_threads=threads or 1,
+                                     log=tmp / "triton.log")  # fmt: skip
+            targets.append(Target("triton", peer.pid, peer.grpc_port, peer.url, peer.stop))
+        if not args.skip_mlserver:
+            options = {**SESSION_OPTIONS, "intra_op_num_threads": threads}
+            port, settings = mlserver_config(tmp, benches, 0, options)
+            ml = start_mlserver(tmp, args.mlserver_python, port, cpus)
+            ml.wait_ready(model_ready_paths([b.name for b in benches]), timeout=180)
+            targets.append(Target("mlserver", ml.proc.pid, settings["grpc_port"], None, ml.stop))
+    except BaseException:
+        for t in targets:
+            t.stop()
+        raise
+    return targets
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     server_cpus = None if args.no_pin else parse_cpus(args.server_cpus)
     client_cpus = None if args.no_pin else parse_cpus(args.client_cpus)
@@ -116,22 +182,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as t:
         tmp = Path(t)
         benches = prepare_models(tmp, "conv224")
-        grpc_port = free_port()
-        threads = len(server_cpus) if server_cpus else 0
-        env = clean_env(
-            BNFOLD_GRPC_PORT=str(grpc_port), **({"BNFOLD_INTRA_OP_THREADS": str(threads)} if threads else {})
-        )
-        server = launch(
-            ["--model-repository", str(tmp / "bnfold")],
-            env=env,
-            cpus=server_cpus,
-            own_session=True,
-            log=tmp / "bnfold.log",
-        )
+        targets = start_targets(tmp, args, benches, server_cpus)
+        result["servers"] = [t.name for t in targets]
         try:
             bodies = {}
             for b in benches:
-                check_grpc(grpc_port, b)
+                for target in targets:
+                    check_grpc(target.grpc_port, b)
                 (tmp / f"{b.name}.grpc").write_bytes(grpc_body(b))
                 bodies[b.name] = tmp / f"{b.name}.grpc"
             result["in_process_p50_ms"] = {
@@ -141,29 +198,38 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 for b in benches
             }
             concurrency = (1, 8) if args.quick else CONCURRENCY
+            cells_of = [(target, transport) for target in targets for transport in ("grpc", "rest")
+                        if transport == "grpc" or target.rest_url]  # fmt: skip
             for r in range(args.rounds):
                 cells: dict[str, Any] = {}
                 for b in benches:
                     for c in concurrency:
-                        order = ["grpc", "rest"] if (r + c) % 2 == 0 else ["rest", "grpc"]
-                        for transport in order:
+                        k = (r + c) % len(cells_of)
+                        for target, transport in cells_of[k:] + cells_of[:k]:
                             if transport == "grpc":
-                                url, body, h1 = f"http://127.0.0.1:{grpc_port}{GRPC_PATH}", bodies[b.name], False
+                                url = f"http://127.0.0.1:{target.grpc_port}{GRPC_PATH}"
+                                body, h1 = bodies[b.name], False
                                 headers = ["content-type: application/grpc", "te: trailers"]
                             else:
-                                url, body, h1 = f"{server.url}/v2/models/{b.name}/infer", b.binary_body, True
+                                url, body, h1 = f"{target.rest_url}/v2/models/{b.name}/infer", b.binary_body, True
                                 headers = [f"inference-header-content-length: {b.binary_header_length}"]
+                            cpu = group_cpu_seconds(target.pgid)
                             cell = h2load(url, body, headers, c, args.duration, h1, client_cpus)
-                            cells[f"{transport}/{b.name}/c{c}"] = cell
+                            ok = cell["requests"] - cell["errors"]
+                            cell["cpu_us_per_call"] = (group_cpu_seconds(target.pgid) - cpu) * 1e6 / max(ok, 1)
+                            cells[f"{target.name}/{transport}/{b.name}/c{c}"] = cell
                             print(
-                                f"round {r + 1} {transport:<4} {b.name:<8} c={c:<3} {cell['rps']:>8.1f} req/s "
-                                f"p50 {cell['p50_ms']:.3f} ms p99 {cell['p99_ms']:.3f} ms errors {cell['errors']}",
+                                f"round {r + 1} {target.name:<8} {transport:<4} {b.name:<8} c={c:<3} "
+                                f"{cell['rps']:>8.1f} req/s p50 {cell['p50_ms']:.3f} ms p99 {cell['p99_ms']:.3f} ms "
+                                f"CPU {cell['cpu_us_per_call']:.0f} us/call errors {cell['errors']}",
                                 flush=True,
                             )
                 result["rounds"].append({"cells": cells, "loadavg_after": list(os.getloadavg())})
         finally:
-            server.stop()
+            for target in targets:
+                target.stop()
     result["summary"] = summarize(result)
+    result["goals"] = goals(result["summary"], concurrency)
     return result
 
 
@@ -172,31 +238,55 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key in keys:
         cells = [r["cells"][key] for r in result["rounds"]]
-        out[key] = {k: statistics.median(c[k] for c in cells) for k in ("rps", "p50_ms", "p99_ms")}
+        out[key] = {k: statistics.median(c[k] for c in cells) for k in ("rps", "p50_ms", "p99_ms", "cpu_us_per_call")}
         out[key]["errors"] = sum(c["errors"] for c in cells)
     return out
+
+
+def goals(s: dict[str, Any], concurrency: Sequence[int]) -> list[dict[str, Any]]:
+    """bnfold's gRPC against Triton's gRPC and its own REST binary, at c=8 (where present)."""
+    rows: list[dict[str, Any]] = []
+
+    def ratio(what: str, a: str, b: str, target: float) -> None:
+        if a in s and b in s:
+            value = s[a]["rps"] / s[b]["rps"]
+            rows.append({"goal": what, "ratio": round(value, 3), "target": target, "met": value >= target})
+
+    c = 8 if 8 in concurrency else max(concurrency)
+    ratio(f"tiny c={c}: bnfold gRPC / Triton gRPC", f"bnfold/grpc/tiny/c{c}", f"triton/grpc/tiny/c{c}", 1.0)
+    ratio(f"tiny c={c}: bnfold gRPC / bnfold REST binary", f"bnfold/grpc/tiny/c{c}", f"bnfold/rest/tiny/c{c}", 0.9)
+    ratio(f"conv224 c={c}: bnfold gRPC / REST binary", f"bnfold/grpc/conv224/c{c}", f"bnfold/rest/conv224/c{c}", 1.0)
+    return rows
 
 
 def table(result: dict[str, Any]) -> str:
     s = result["summary"]
     base = result["in_process_p50_ms"]
     lines = [
-        "model    c   | gRPC req/s  p50 ms  p99 ms | REST bin req/s  p50 ms  p99 ms | rps gRPC/REST"
-        " | p50 overhead ms gRPC / REST",
+        "model    c    server   transport |    req/s  p50 ms  p99 ms | CPU us/call | p50 overhead ms | errors",
+        "-" * 98,
     ]
-    for key in s:
-        if not key.startswith("grpc/"):
-            continue
-        _, model, c = key.split("/")
-        g, h = s[key], s[f"rest/{model}/{c}"]
+    servers = {name: i for i, name in enumerate(result["servers"])}
+
+    def order(key: str) -> tuple[int, int, int, str]:
+        server, transport, model, c = key.split("/")
+        return list(base).index(model), int(c[1:]), servers[server], transport
+
+    for key in sorted(s, key=order):
+        cell = s[key]
+        server, transport, model, c = key.split("/")
         lines.append(
-            f"{model:<8} {c[1:]:>3} | {g['rps']:>10.1f} {g['p50_ms']:>7.3f} {g['p99_ms']:>7.3f} | "
-            f"{h['rps']:>14.1f} {h['p50_ms']:>7.3f} {h['p99_ms']:>7.3f} | {g['rps'] / h['rps']:>13.2f} | "
-            f"{g['p50_ms'] - base[model]:.3f} / {h['p50_ms'] - base[model]:.3f}"
+            f"{model:<8} {c[1:]:>3}  {server:<8} {'REST bin' if transport == 'rest' else 'gRPC':<9} | "
+            f"{cell['rps']:>8.1f} {cell['p50_ms']:>7.3f} {cell['p99_ms']:>7.3f} | {cell['cpu_us_per_call']:>11.0f} | "
+            f"{cell['p50_ms'] - base[model]:>15.3f} | {cell['errors']}"
         )
     lines.append(f"in-process session.run p50 ms: {json.dumps({k: round(v, 3) for k, v in base.items()})}")
+    for g in result["goals"]:
+        lines.append(
+            f"  {g['goal']:<48} {g['ratio']:.2f}x (target >= {g['target']}x): {'met' if g['met'] else 'NOT met'}"
+        )
     lines.append(
-        f"medians of {len(result['rounds'])} interleaved rounds; load average at start "
+        f"medians of {len(result['rounds'])} rotated rounds; load average at start "
         f"{result['host'].get('loadavg_at_start')}, after each round {[r['loadavg_after'] for r in result['rounds']]}"
     )
     return "\n".join(lines)
@@ -210,10 +300,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--server-cpus", default="0")
     p.add_argument("--client-cpus", default="1")
     p.add_argument("--no-pin", action="store_true")
+    p.add_argument("--triton-python", default=os.environ.get("BNFOLD_TRITON_PYTHON"), help="nvidia-pytriton venv")
+    p.add_argument("--skip-triton", action="store_true")
+    p.add_argument("--mlserver-python", default=os.environ.get("BNFOLD_MLSERVER_PYTHON"), help="MLServer venv")
+    p.add_argument("--skip-mlserver", action="store_true")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = p.parse_args(argv)
     if args.quick:
         args.rounds, args.duration = 1, 2.0
+    if not args.skip_triton and not args.triton_python:
+        p.error("no Triton virtualenv: give --triton-python VENV/bin/python (docs/benchmarks.md), or --skip-triton")
+    if not args.skip_mlserver and not args.mlserver_python:
+        p.error("no MLServer virtualenv: give --mlserver-python VENV/bin/python, or --skip-mlserver")
     result = run(args)
     emit(result, table(result), args.out)
     return 0

@@ -4,15 +4,29 @@ from kind to its own status (REST: HTTP status in :mod:`service.rest.codec`; gRP
 
 from __future__ import annotations
 
+MAX_MESSAGE = 1000  # characters of an error message; what a client sent can make one longer
+ECHO_LIMIT = 80  # characters of a client's string (a model name, a service) quoted in a message
+
+
+def shown(text: str, limit: int = ECHO_LIMIT) -> str:
+    """A client's string quoted for an error message, cut to ``limit`` characters (and how long it was)."""
+    if len(text) <= limit:
+        return f"'{text}'"
+    return f"'{text[:limit]}...' ({len(text)} characters)"
+
 
 class ServiceError(Exception):
-    """A request that cannot be answered with a result. The message is one line, fit to show the client."""
+    """A request that cannot be answered with a result. The message is one line, fit to show the client,
+    and at most MAX_MESSAGE characters (client strings are echoed through :func:`shown`; this is the net)."""
 
     kind = "internal"
     retry_after: int | None = None
 
     def __init__(self, message: str) -> None:
-        super().__init__(" ".join(message.split()))  # one line, always
+        line = " ".join(message.split())  # one line, always
+        if len(line) > MAX_MESSAGE:
+            line = line[: MAX_MESSAGE - 3] + "..."
+        super().__init__(line)
 
     @property
     def message(self) -> str:

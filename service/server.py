@@ -79,7 +79,7 @@ class Server:
         log.info("ready: %d model version(s) serving", self.repository.ready_count())
         self.connections.start(s.grpc_port)  # the caps from the files left once models loaded
         if self.grpc is not None:
-            await self.grpc.start(self.connections.grpc_options())
+            await self.grpc.start()
         if s.repository_poll_seconds > 0:
             self._poller = asyncio.create_task(self.poll())
 

@@ -1,16 +1,20 @@
-"""The gRPC transport: the V2 ``inference.GRPCInferenceService`` and ``grpc.health.v1.Health`` on a
-``grpc.aio`` server in the same process and event loop as REST, over the same :class:`DataPlane`.
+"""The gRPC transport: the V2 ``inference.GRPCInferenceService`` and ``grpc.health.v1.Health`` over HTTP/2 of
+our own (:mod:`service.grpc.http2`) in the same process and event loop as REST, over the same
+:class:`DataPlane`.
 
-ModelInfer reads top to bottom: admit (:meth:`DataPlane.admit <service.dataplane.DataPlane.admit>`), decode
-(:mod:`service.grpc.codec`), run; its response is serialized in the compute thread and sent as bytes. Errors
-map from their kind to a status code in one table (:data:`GRPC_STATUS`) with the same message text as REST.
-A full queue is ``UNAVAILABLE`` (with a ``retry-after`` trailer), like REST's 503: the condition is transient
-and retrying is right, which is what gRPC clients and retry policies read from UNAVAILABLE; RESOURCE_EXHAUSTED
-would mix it up with gRPC's own message-size refusals and per-client quotas. Messages larger than
-BNFOLD_MAX_BODY_BYTES are refused by gRPC itself (RESOURCE_EXHAUSTED), before they are read into memory.
+ModelInfer reads top to bottom: parse the protobuf message, admit (:meth:`DataPlane.admit
+<service.dataplane.DataPlane.admit>`), decode (:mod:`service.grpc.codec`), run; its response is serialized in
+the compute thread and sent as bytes. Errors map from their kind to a status code in one
+table (:data:`GRPC_STATUS`) with the same message text as REST. A full queue is ``UNAVAILABLE`` (with a
+``retry-after`` trailer), like REST's 503: the condition is transient and retrying is right, which is what
+gRPC clients and retry policies read from UNAVAILABLE; RESOURCE_EXHAUSTED would mix it up with gRPC's own
+message-size refusals and per-client quotas. Messages larger than BNFOLD_MAX_BODY_BYTES are refused
+(RESOURCE_EXHAUSTED) from their length prefix, before they are read. Bytes that are not the method's protobuf
+message are INVALID_ARGUMENT, logged as one line at most every LOG_EVERY_SECONDS.
 
-On SIGTERM the server stops taking new RPCs at once and lets the admitted ones finish within
-BNFOLD_GRACEFUL_SHUTDOWN_SECONDS, as uvicorn does for REST.
+On SIGTERM the server stops taking new calls at once (GOAWAY) and lets the admitted ones finish within
+BNFOLD_GRACEFUL_SHUTDOWN_SECONDS, as uvicorn does for REST; a call whose request never completed is not
+admitted and holds nothing up.
 """
 
 from __future__ import annotations
@@ -18,10 +22,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TypeVar
 
-import grpc
+from google.protobuf.message import DecodeError, Message
 from grpc_health.v1 import health_pb2
 
 from service.dataplane import DataPlane
@@ -38,8 +42,25 @@ from service.errors import (
     Unauthorized,
     Unavailable,
     UnsupportedEncoding,
+    shown,
 )
 from service.grpc.codec import decode_request, encode_result, model_config, model_metadata
+from service.grpc.http2 import (
+    CANCELLED,
+    DEADLINE_EXCEEDED,
+    INTERNAL,
+    INVALID_ARGUMENT,
+    NOT_FOUND,
+    RESOURCE_EXHAUSTED,
+    UNAUTHENTICATED,
+    UNAVAILABLE,
+    UNIMPLEMENTED,
+    Call,
+    GrpcError,
+    Http2Server,
+    Methods,
+    Payload,
+)
 from service.grpc.protos import grpc_predict_v2_pb2 as pb
 
 log = logging.getLogger("bnfold.service")
@@ -48,112 +69,143 @@ TRANSPORT = "grpc"
 SERVICE = "inference.GRPCInferenceService"
 HEALTH_SERVICE = "grpc.health.v1.Health"
 WATCH_EVERY_SECONDS = 1.0
+LOG_EVERY_SECONDS = 60.0
 
 #: Error kind -> gRPC status code.
-GRPC_STATUS: dict[str, grpc.StatusCode] = {
-    BadRequest.kind: grpc.StatusCode.INVALID_ARGUMENT,
-    Unauthorized.kind: grpc.StatusCode.UNAUTHENTICATED,
-    NotFound.kind: grpc.StatusCode.NOT_FOUND,
-    RequestTimeout.kind: grpc.StatusCode.DEADLINE_EXCEEDED,
-    PayloadTooLarge.kind: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    UnsupportedEncoding.kind: grpc.StatusCode.UNIMPLEMENTED,
-    ClientGone.kind: grpc.StatusCode.CANCELLED,
-    Internal.kind: grpc.StatusCode.INTERNAL,
-    Unavailable.kind: grpc.StatusCode.UNAVAILABLE,
-    Busy.kind: grpc.StatusCode.UNAVAILABLE,
-    Timeout.kind: grpc.StatusCode.DEADLINE_EXCEEDED,
+GRPC_STATUS: dict[str, int] = {
+    BadRequest.kind: INVALID_ARGUMENT,
+    Unauthorized.kind: UNAUTHENTICATED,
+    NotFound.kind: NOT_FOUND,
+    RequestTimeout.kind: DEADLINE_EXCEEDED,
+    PayloadTooLarge.kind: RESOURCE_EXHAUSTED,
+    UnsupportedEncoding.kind: UNIMPLEMENTED,
+    ClientGone.kind: CANCELLED,
+    Internal.kind: INTERNAL,
+    Unavailable.kind: UNAVAILABLE,
+    Busy.kind: UNAVAILABLE,
+    Timeout.kind: DEADLINE_EXCEEDED,
 }
 
-
-async def abort(context: grpc.aio.ServicerContext, exc: ServiceError) -> None:
-    """The gRPC answer to any :class:`ServiceError` (raises, as ``context.abort`` does)."""
-    if exc.retry_after is not None:
-        context.set_trailing_metadata((("retry-after", str(exc.retry_after)),))
-    await context.abort(GRPC_STATUS.get(exc.kind, grpc.StatusCode.INTERNAL), exc.message)
+M = TypeVar("M", bound=Message)
 
 
-def credentials(context: grpc.aio.ServicerContext) -> bytes | None:
-    for key, value in context.invocation_metadata() or ():
-        if key == "authorization":
-            return value.encode("latin-1") if isinstance(value, str) else bytes(value)
-    return None
+def grpc_error(exc: ServiceError) -> GrpcError:
+    """The gRPC answer to any :class:`ServiceError`."""
+    trailers = () if exc.retry_after is None else (("retry-after", str(exc.retry_after)),)
+    return GrpcError(GRPC_STATUS.get(exc.kind, INTERNAL), exc.message, trailers)
 
 
-Handler = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
+class MalformedLog:
+    """One log line for malformed messages, then at most one per LOG_EVERY_SECONDS with the count since."""
+
+    def __init__(self) -> None:
+        self.next_at = 0.0
+        self.count = 0
+
+    def note(self, method: str, exc: Exception) -> None:
+        self.count += 1
+        now = time.monotonic()
+        if now >= self.next_at:
+            log.warning(
+                "gRPC: %d malformed request message(s) since the last such line (the latest to %s: %s)",
+                self.count,
+                method[:100],
+                str(exc)[:100],
+            )
+            self.next_at, self.count = now + LOG_EVERY_SECONDS, 0
 
 
-def _answering_errors(fn: Handler) -> Handler:
-    async def handler(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        try:
-            return await fn(request, context)
-        except ServiceError as exc:
-            await abort(context, exc)
+def wire(message: Message) -> bytes:
+    data: bytes = message.SerializeToString()
+    return data
 
-    return handler
+
+def credentials(call: Call) -> bytes | None:
+    return call.metadata.get(b"authorization")
+
+
+Handler = Callable[[Payload, Call], Awaitable[bytes]]
 
 
 class Inference:
-    """The ``inference.GRPCInferenceService`` methods."""
+    """The ``inference.GRPCInferenceService`` methods, bytes in and bytes out."""
 
-    def __init__(self, dataplane: DataPlane) -> None:
+    def __init__(self, dataplane: DataPlane, malformed: MalformedLog | None = None) -> None:
         self.dataplane = dataplane
+        self.malformed = malformed or MalformedLog()
 
-    async def server_live(self, request: pb.ServerLiveRequest, context: Any) -> pb.ServerLiveResponse:
-        return pb.ServerLiveResponse(live=self.dataplane.live)
+    def parse(self, kind: type[M], data: Payload, call: Call) -> M:
+        try:
+            parsed: M = kind.FromString(data)  # any bytes-like object
+            return parsed
+        except (DecodeError, RuntimeWarning) as exc:
+            self.malformed.note(call.method, exc)
+            raise GrpcError(INVALID_ARGUMENT, f"malformed protobuf: not a {kind.DESCRIPTOR.name}") from None
 
-    async def server_ready(self, request: pb.ServerReadyRequest, context: Any) -> pb.ServerReadyResponse:
-        return pb.ServerReadyResponse(ready=self.dataplane.ready)
+    async def server_live(self, data: Payload, call: Call) -> bytes:
+        self.parse(pb.ServerLiveRequest, data, call)
+        return wire(pb.ServerLiveResponse(live=self.dataplane.live))
 
-    async def model_ready(self, request: pb.ModelReadyRequest, context: Any) -> pb.ModelReadyResponse:
-        _, _, ok = self.dataplane.model_ready(request.name, request.version or None, credentials(context))
-        return pb.ModelReadyResponse(ready=ok)
+    async def server_ready(self, data: Payload, call: Call) -> bytes:
+        self.parse(pb.ServerReadyRequest, data, call)
+        return wire(pb.ServerReadyResponse(ready=self.dataplane.ready))
 
-    async def server_metadata(self, request: pb.ServerMetadataRequest, context: Any) -> pb.ServerMetadataResponse:
-        return pb.ServerMetadataResponse(**self.dataplane.server_metadata())
+    async def model_ready(self, data: Payload, call: Call) -> bytes:
+        request = self.parse(pb.ModelReadyRequest, data, call)
+        _, _, ok = self.dataplane.model_ready(request.name, request.version or None, credentials(call))
+        return wire(pb.ModelReadyResponse(ready=ok))
 
-    async def model_metadata(self, request: pb.ModelMetadataRequest, context: Any) -> pb.ModelMetadataResponse:
-        meta = self.dataplane.model_metadata(request.name, request.version or None, credentials(context))
-        return model_metadata(meta)
+    async def server_metadata(self, data: Payload, call: Call) -> bytes:
+        self.parse(pb.ServerMetadataRequest, data, call)
+        return wire(pb.ServerMetadataResponse(**self.dataplane.server_metadata()))
 
-    async def model_config(self, request: pb.ModelConfigRequest, context: Any) -> pb.ModelConfigResponse:
-        return model_config(self.dataplane.model_config(request.name, request.version or None, credentials(context)))
+    async def model_metadata(self, data: Payload, call: Call) -> bytes:
+        request = self.parse(pb.ModelMetadataRequest, data, call)
+        meta = self.dataplane.model_metadata(request.name, request.version or None, credentials(call))
+        return wire(model_metadata(meta))
 
-    async def model_infer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext) -> bytes:
-        remaining = context.time_remaining()
-        deadline = None if remaining is None else time.monotonic() + remaining
+    async def model_config(self, data: Payload, call: Call) -> bytes:
+        request = self.parse(pb.ModelConfigRequest, data, call)
+        config = self.dataplane.model_config(request.name, request.version or None, credentials(call))
+        return wire(model_config(config))
+
+    async def model_infer(self, data: Payload, call: Call) -> bytes:
+        request = self.parse(pb.ModelInferRequest, data, call)
         name, version = request.model_name, request.model_version or None
-        with self.dataplane.admit(name, version, credentials(context), TRANSPORT) as admitted:
+        with self.dataplane.admit(name, version, credentials(call), TRANSPORT) as admitted:
             decoded = decode_request(request, self.dataplane.settings.max_elements)
-            return await admitted.run(decoded, encode_result, deadline)
+            return await admitted.run(decoded, encode_result, call.deadline)
 
-    def handler(self) -> grpc.GenericRpcHandler:
-        def unary(fn: Handler, request_type: Any, serialize: Callable[[Any], bytes] | None = None) -> Any:
-            return grpc.unary_unary_rpc_method_handler(
-                _answering_errors(fn),
-                request_deserializer=request_type.FromString,
-                response_serializer=serialize or (lambda message: message.SerializeToString()),
-            )
+    def methods(self) -> dict[str, Handler]:
+        handlers = {
+            "ServerLive": self.server_live,
+            "ServerReady": self.server_ready,
+            "ModelReady": self.model_ready,
+            "ServerMetadata": self.server_metadata,
+            "ModelMetadata": self.model_metadata,
+            "ModelConfig": self.model_config,
+            "ModelInfer": self.model_infer,
+        }
+        return {f"/{SERVICE}/{name}": _answering_errors(fn) for name, fn in handlers.items()}
 
-        return grpc.method_handlers_generic_handler(
-            SERVICE,
-            {
-                "ServerLive": unary(self.server_live, pb.ServerLiveRequest),
-                "ServerReady": unary(self.server_ready, pb.ServerReadyRequest),
-                "ModelReady": unary(self.model_ready, pb.ModelReadyRequest),
-                "ServerMetadata": unary(self.server_metadata, pb.ServerMetadataRequest),
-                "ModelMetadata": unary(self.model_metadata, pb.ModelMetadataRequest),
-                "ModelConfig": unary(self.model_config, pb.ModelConfigRequest),
-                "ModelInfer": unary(self.model_infer, pb.ModelInferRequest, bytes),
-            },
-        )
+
+def _answering_errors(fn: Handler) -> Handler:
+    async def handler(data: Payload, call: Call) -> bytes:
+        try:
+            return await fn(data, call)
+        except ServiceError as exc:
+            raise grpc_error(exc) from None
+
+    return handler
 
 
 class Health:
     """``grpc.health.v1.Health`` following readiness: the server (service "" or the inference service's
     name) is SERVING exactly when ``GET /v2/health/ready`` answers 200; other names are NOT_FOUND."""
 
-    def __init__(self, dataplane: DataPlane) -> None:
+    def __init__(self, dataplane: DataPlane, inference: Inference) -> None:
         self.dataplane = dataplane
+        self.inference = inference
 
     def status(self, service: str) -> int | None:
         if service not in ("", SERVICE):
@@ -161,38 +213,25 @@ class Health:
         ok = self.dataplane.ready
         return int(health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING)
 
-    async def check(
-        self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext
-    ) -> health_pb2.HealthCheckResponse:
+    async def check(self, data: Payload, call: Call) -> bytes:
+        request = self.inference.parse(health_pb2.HealthCheckRequest, data, call)
         status = self.status(request.service)
         if status is None:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown service '{request.service}'")
-        return health_pb2.HealthCheckResponse(status=status)
+            raise GrpcError(NOT_FOUND, f"unknown service {shown(request.service)}")
+        return wire(health_pb2.HealthCheckResponse(status=status))
 
-    async def watch(
-        self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[health_pb2.HealthCheckResponse]:
+    async def watch(self, data: Payload, call: Call) -> AsyncIterator[bytes]:
         """The status now, then each change (looked at every WATCH_EVERY_SECONDS)."""
+        request = self.inference.parse(health_pb2.HealthCheckRequest, data, call)
         unknown = int(health_pb2.HealthCheckResponse.SERVICE_UNKNOWN)
         last = None
         while True:
             status = self.status(request.service)
             status = unknown if status is None else status
             if status != last:
-                yield health_pb2.HealthCheckResponse(status=status)
+                yield health_pb2.HealthCheckResponse(status=status).SerializeToString()
                 last = status
             await asyncio.sleep(WATCH_EVERY_SECONDS)
-
-    def handler(self) -> grpc.GenericRpcHandler:
-        request = health_pb2.HealthCheckRequest.FromString
-        response = health_pb2.HealthCheckResponse.SerializeToString
-        return grpc.method_handlers_generic_handler(
-            HEALTH_SERVICE,
-            {
-                "Check": grpc.unary_unary_rpc_method_handler(self.check, request, response),
-                "Watch": grpc.unary_stream_rpc_method_handler(self.watch, request, response),
-            },
-        )
 
 
 class GrpcTransport:
@@ -200,7 +239,7 @@ class GrpcTransport:
 
     def __init__(self, dataplane: DataPlane) -> None:
         self.dataplane = dataplane
-        self.server: grpc.aio.Server | None = None
+        self.server: Http2Server | None = None
         self._stopping: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -210,33 +249,27 @@ class GrpcTransport:
         host = f"[{s.host}]" if ":" in s.host and not s.host.startswith("[") else s.host
         return f"{host}:{s.grpc_port}"
 
-    async def start(self, connection_options: Sequence[tuple[str, int]] = ()) -> None:
-        """Listen and serve; ``connection_options``: the connection guard's limits as grpcio server options
-        (:meth:`service.connections.ConnectionGuard.grpc_options`)."""
+    async def start(self) -> None:
         s = self.dataplane.settings
-        options = [
-            *connection_options,
-            ("grpc.max_receive_message_length", s.max_body_bytes),
-            ("grpc.max_send_message_length", -1),
+        inference = Inference(self.dataplane, MalformedLog())
+        health = Health(self.dataplane, inference)
+        methods = Methods(
+            unary={**inference.methods(), f"/{HEALTH_SERVICE}/Check": health.check},
+            server_stream={f"/{HEALTH_SERVICE}/Watch": health.watch},
+        )
+        server = Http2Server(methods, s.max_body_bytes)
+        try:
             # with --workers N every process binds the port, as uvicorn's do for REST; alone, a taken port
             # must be an error rather than a silent share with another server
-            ("grpc.so_reuseport", 1 if s.workers > 1 else 0),
-        ]
-        server = grpc.aio.server(options=options)
-        server.add_generic_rpc_handlers((Inference(self.dataplane).handler(), Health(self.dataplane).handler()))
-        try:
-            port = server.add_insecure_port(self.address)
-        except RuntimeError as exc:
-            raise OSError(f"gRPC cannot listen on {self.address}: {exc}") from None
-        if port == 0:
-            raise OSError(f"gRPC cannot listen on {self.address}")
-        await server.start()
+            await server.listen(s.host, s.grpc_port, reuse_port=s.workers > 1)
+        except OSError as exc:
+            raise OSError(f"gRPC cannot listen on {self.address}: {exc.strerror or exc}") from None
         self.server, self._loop = server, asyncio.get_running_loop()
         self.dataplane.transports.append(TRANSPORT)
         log.info("gRPC (V2 inference.GRPCInferenceService, grpc.health.v1) on %s", self.address)
 
     def drain(self) -> None:
-        """Stop taking RPCs now, finish the admitted ones; safe from a signal handler."""
+        """Stop taking calls now, finish the admitted ones; safe from a signal handler."""
         if self.server is None or self._loop is None or self._stopping is not None:
             return
         self._loop.call_soon_threadsafe(self._begin_stop)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 
-from service.errors import BadRequest, NotFound
+from service.errors import BadRequest, NotFound, shown
 from service.runtime.repository import ModelState, Repository
 
 log = logging.getLogger("bnfold.service")
@@ -56,7 +56,7 @@ async def load(repository: Repository, name: str) -> None:
     """(Re)load every version of ``name`` found in the repository. :class:`NotFound` when it has none;
     :class:`BadRequest` naming each version that failed (the versions serving before keep serving)."""
     if name not in repository.sources():
-        raise NotFound(f"no model '{name[:128]}' in the repository")
+        raise NotFound(f"no model {shown(name)} in the repository")
     errors: list[str] = []
     async with repository.turn(name):
         versions = repository.sources().get(name, {})  # as it is now, after any change before this one
@@ -83,7 +83,7 @@ async def unload(repository: Repository, name: str) -> None:
     """Unload every version of ``name``: refused to new requests at once, gone once the admitted ones finished.
     :class:`NotFound` for a model neither served nor in the repository."""
     if name not in repository.models and name not in repository.sources():
-        raise NotFound(f"unknown model '{name[:128]}'")
+        raise NotFound(f"unknown model {shown(name)}")
     async with repository.turn(name):
         state = repository.state(name)
         state.activity = UNLOADING

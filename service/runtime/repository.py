@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from service.errors import ModelLoadError, NotFound, Unavailable
+from service.errors import ModelLoadError, NotFound, Unavailable, shown
 from service.runtime.loading import ProviderError, load_model
 from service.runtime.model import LoadedModel
 from service.runtime.model_config import ModelConfig
@@ -126,14 +126,14 @@ class Repository:
     def get(self, name: str, version: str | None = None) -> LoadedModel:
         state = self.models.get(name)
         if state is None:
-            raise NotFound(f"unknown model '{name}'")
+            raise NotFound(f"unknown model {shown(name)}")
         if version is None:
             if not state.ready:
                 raise Unavailable(f"model '{name}' is not ready: {self._why(state)}")
             return state.ready[max(state.ready)]
         v = version_number(version)
         if v is None:
-            raise NotFound(f"unknown version '{version[:64]}' of model '{name}'")
+            raise NotFound(f"unknown version {shown(version)} of model '{name}'")
         if v in state.ready:
             return state.ready[v]
         if v in state.failed:

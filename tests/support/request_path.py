@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import orjson
 
+from service.grpc.http2 import Call
 from service.grpc.protos import grpc_predict_v2_pb2 as pb
 from service.server import Server
 from service.settings import Settings
@@ -64,16 +65,6 @@ class Trace:
             self.edges.append((caller, callee, thread))
 
 
-class _Context:
-    """Enough of ``grpc.aio.ServicerContext`` for ModelInfer."""
-
-    def time_remaining(self) -> float | None:
-        return None
-
-    def invocation_metadata(self) -> tuple[()]:
-        return ()
-
-
 PIXELS = np.zeros((1, 1, 8, 8), np.float32)
 
 
@@ -97,7 +88,8 @@ async def grpc_infer(inference: Any) -> bytes:
     request = pb.ModelInferRequest(model_name="digits")
     request.inputs.add(name="pixels", datatype="FP32", shape=[1, 1, 8, 8])
     request.raw_input_contents.append(PIXELS.tobytes())
-    answer: bytes = await inference.model_infer(request, _Context())
+    call = Call("/inference.GRPCInferenceService/ModelInfer", {}, None)
+    answer: bytes = await inference.model_infer(request.SerializeToString(), call)
     return answer
 
 

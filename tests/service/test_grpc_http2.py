@@ -1,0 +1,374 @@
+"""The gRPC server's own HTTP/2 (service/grpc/http2.py), in memory: a connection fed bytes as a client would
+send them (cut at every byte, padded, split header blocks, compressed messages), its frames read back and
+decoded; flow control both ways; reset and oversized calls; GOAWAY on a broken connection."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import hpack
+import pytest
+
+from service.grpc import http2
+from service.grpc.http2 import (
+    CONTINUATION,
+    DATA,
+    END_HEADERS,
+    END_STREAM,
+    GOAWAY,
+    HEADERS,
+    PADDED,
+    PREFACE,
+    RST_STREAM,
+    SETTINGS,
+    WINDOW_UPDATE,
+    Call,
+    Connection,
+    GrpcError,
+    Http2Server,
+    Methods,
+    Payload,
+)
+
+ECHO = "/test.Echo/Echo"
+BIG = "/test.Echo/Big"
+HOLD = "/test.Echo/Hold"
+
+
+def frame(kind: int, flags: int, stream: int, payload: bytes = b"") -> bytes:
+    return struct.pack(">I", len(payload))[1:] + bytes((kind, flags)) + struct.pack(">I", stream) + payload
+
+
+def message(data: bytes, compressed: bool = False) -> bytes:
+    return bytes((1 if compressed else 0,)) + struct.pack(">I", len(data)) + data
+
+
+@dataclass
+class Wire:
+    """The server's side of one connection, and what it wrote, read back as frames."""
+
+    conn: Connection
+    out: bytearray = field(default_factory=bytearray)
+    closed: bool = False
+    encoder: hpack.Encoder = field(default_factory=hpack.Encoder)
+    decoder: hpack.Decoder = field(default_factory=hpack.Decoder)
+
+    def write(self, data: bytes) -> None:
+        self.out += data
+
+    def close(self) -> None:
+        self.closed = True
+
+    def send(self, data: bytes, cut: int = 0) -> None:
+        """Hand ``data`` to the server, in pieces of ``cut`` bytes (0: at once)."""
+        step = cut or len(data) or 1
+        for i in range(0, len(data), step):
+            self.conn.data_received(data[i : i + step])
+
+    def headers(self, stream: int, path: str = ECHO, extra: tuple[tuple[str, str], ...] = ()) -> bytes:
+        fields = [(":method", "POST"), (":scheme", "http"), (":path", path), (":authority", "x")]
+        fields += [("content-type", "application/grpc"), ("te", "trailers"), *extra]
+        return bytes(self.encoder.encode(fields))
+
+    def frames(self) -> list[tuple[int, int, int, bytes]]:
+        out, pos = [], 0
+        data = bytes(self.out)
+        while pos + 9 <= len(data):
+            length = int.from_bytes(data[pos : pos + 3], "big")
+            kind, flags = data[pos + 3], data[pos + 4]
+            sid = int.from_bytes(data[pos + 5 : pos + 9], "big") & 0x7FFFFFFF
+            out.append((kind, flags, sid, data[pos + 9 : pos + 9 + length]))
+            pos += 9 + length
+        self.out = bytearray(data[pos:])
+        return out
+
+    def answer(self, stream: int) -> tuple[dict[str, str], bytes]:
+        """Headers + trailers and the DATA bytes the server sent on ``stream`` so far."""
+        fields: dict[str, str] = {}
+        body = b""
+        for kind, _, sid, payload in self.frames():
+            if sid != stream:
+                continue
+            if kind == HEADERS:
+                fields.update({k: v for k, v in self.decoder.decode(payload)})
+            elif kind == DATA:
+                body += payload
+        return fields, body
+
+
+async def echo(data: Payload, call: Call) -> bytes:
+    if bytes(data) == b"fail":
+        raise GrpcError(http2.INVALID_ARGUMENT, "no \u00e9cho 100%", (("retry-after", "3"),))
+    return b"echo:" + bytes(data) + b":" + (call.metadata.get(b"x-tag") or b"")
+
+
+async def big(data: Payload, call: Call) -> bytes:
+    return b"b" * 200_000
+
+
+@pytest.fixture
+def wire() -> Callable[..., Wire]:
+    def make(max_message: int = 1 << 20, hold: asyncio.Event | None = None) -> Wire:
+        async def held(data: Payload, call: Call) -> bytes:
+            assert hold is not None
+            await hold.wait()
+            return b"late"
+
+        server = Http2Server(Methods(unary={ECHO: echo, BIG: big, HOLD: held}), max_message)
+        conn = Connection(server)
+        w = Wire(conn)
+        conn.connection_made(w)  # type: ignore[arg-type]
+        w.send(PREFACE + frame(SETTINGS, 0, 0))
+        return w
+
+    return make
+
+
+async def settle() -> None:
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+@pytest.mark.parametrize("cut", [0, 1, 7, 9, 10])
+def test_a_call_cut_anywhere_is_answered(wire: Callable[..., Wire], cut: int) -> None:
+    async def go() -> None:
+        w = wire()
+        hdr = w.headers(1, extra=(("x-tag", "t1"),))
+        w.send(frame(HEADERS, END_HEADERS, 1, hdr) + frame(DATA, END_STREAM, 1, message(b"hi")), cut)
+        await settle()
+        fields, body = w.answer(1)
+        assert fields[":status"] == "200" and fields["content-type"] == "application/grpc"
+        assert fields["grpc-status"] == "0"
+        assert body == message(b"echo:hi:t1")
+
+    asyncio.run(go())
+
+
+def test_padding_split_header_blocks_and_a_message_over_many_frames(wire: Callable[..., Wire]) -> None:
+    async def go() -> None:
+        w = wire()
+        hdr = w.headers(1)
+        padded_headers = frame(HEADERS, PADDED, 1, bytes((3,)) + hdr[:5] + b"\0\0\0")
+        cont = frame(CONTINUATION, END_HEADERS, 1, hdr[5:])
+        body = message(b"x" * 40_000)
+        data = frame(DATA, PADDED, 1, bytes((2,)) + body[:10] + b"\0\0")
+        chunks = [body[i : i + 16384] for i in range(10, len(body), 16384)]
+        data += b"".join(frame(DATA, END_STREAM if c is chunks[-1] else 0, 1, c) for c in chunks)
+        w.send(padded_headers + cont + data, 1000)
+        await settle()
+        fields, answer = w.answer(1)
+        assert fields["grpc-status"] == "0", fields
+        assert answer == message(b"echo:" + b"x" * 40_000 + b":")
+
+    asyncio.run(go())
+
+
+def test_gzip_message_and_an_unknown_encoding(wire: Callable[..., Wire]) -> None:
+    async def go() -> None:
+        w = wire()
+        w.send(
+            frame(HEADERS, END_HEADERS, 1, w.headers(1, extra=(("grpc-encoding", "gzip"),)))
+            + frame(DATA, END_STREAM, 1, message(gzip.compress(b"zipped"), compressed=True))
+        )
+        await settle()
+        assert w.answer(1)[1] == message(b"echo:zipped:")
+        w.send(
+            frame(HEADERS, END_HEADERS, 3, w.headers(3, extra=(("grpc-encoding", "snappy"),)))
+            + frame(DATA, END_STREAM, 3, message(b"??", compressed=True))
+        )
+        await settle()
+        assert w.answer(3)[0]["grpc-status"] == str(http2.UNIMPLEMENTED)
+
+    asyncio.run(go())
+
+
+def test_errors_are_trailers_only_with_encoded_message(wire: Callable[..., Wire]) -> None:
+    async def go() -> None:
+        w = wire()
+        w.send(frame(HEADERS, END_HEADERS, 1, w.headers(1)) + frame(DATA, END_STREAM, 1, message(b"fail")))
+        w.send(frame(HEADERS, END_HEADERS | END_STREAM, 3, w.headers(3, path="/no.Such/Method")))
+        w.send(frame(HEADERS, END_HEADERS | END_STREAM, 5, w.headers(5)))  # no message at all
+        w.send(frame(HEADERS, END_HEADERS, 7, w.headers(7)))
+        w.send(frame(DATA, END_STREAM, 7, message(b"a") + message(b"b")))  # two messages on a unary call
+        await settle()
+        frames = w.frames()
+        by_stream = {sid: w.decoder.decode(p) for kind, _, sid, p in frames if kind == HEADERS}
+        assert dict(by_stream[1])["grpc-status"] == str(http2.INVALID_ARGUMENT)
+        assert dict(by_stream[1])["grpc-message"] == "no %C3%A9cho 100%25"
+        assert dict(by_stream[1])["retry-after"] == "3"
+        assert dict(by_stream[3])["grpc-status"] == str(http2.UNIMPLEMENTED)
+        assert dict(by_stream[5])["grpc-status"] == str(http2.INVALID_ARGUMENT)
+        assert dict(by_stream[7])["grpc-status"] == str(http2.INVALID_ARGUMENT)
+        assert not [f for f in frames if f[0] == DATA], "an error answer carries no message"
+
+    asyncio.run(go())
+
+
+def test_a_large_answer_waits_for_the_clients_window(wire: Callable[..., Wire]) -> None:
+    async def go() -> None:
+        w = wire()
+        w.send(frame(HEADERS, END_HEADERS, 1, w.headers(1, path=BIG)) + frame(DATA, END_STREAM, 1, message(b"")))
+        await settle()
+        frames = w.frames()
+        sent = sum(len(p) for kind, _, _, p in frames if kind == DATA)
+        assert sent == 65535  # the default windows, no more
+        assert not [f for f in frames if f[0] == HEADERS and f[1] & END_STREAM]
+        w.send(frame(WINDOW_UPDATE, 0, 0, struct.pack(">I", 1 << 20)))  # the connection's window alone: no more
+        assert not w.frames()
+        w.send(frame(WINDOW_UPDATE, 0, 1, struct.pack(">I", 1 << 20)))
+        frames = w.frames()
+        sent += sum(len(p) for kind, _, _, p in frames if kind == DATA)
+        assert sent == 5 + 200_000
+        assert all(len(p) <= 16384 for kind, _, _, p in frames if kind == DATA)  # the client's max frame size
+        assert frames[-1][0] == HEADERS and frames[-1][1] & END_STREAM
+
+    asyncio.run(go())
+
+
+def test_the_server_credits_what_it_reads(wire: Callable[..., Wire]) -> None:
+    async def go() -> None:
+        w = wire(max_message=8 << 20)
+        w.frames()
+        w.send(frame(HEADERS, END_HEADERS, 1, w.headers(1)))
+        body = message(b"y" * (3 << 20))
+        for i in range(0, len(body), 1 << 16):
+            w.send(frame(DATA, 0, 1, body[i : i + (1 << 16)]))
+        updates = [(sid, struct.unpack(">I", p)[0]) for kind, _, sid, p in w.frames() if kind == WINDOW_UPDATE]
+        assert sum(n for sid, n in updates if sid == 1) >= len(body) - http2.STREAM_WINDOW // 2
+        w.send(frame(DATA, END_STREAM, 1))
+        await settle()
+        fields, answer = w.answer(1)
+        assert fields[":status"] == "200" and len(answer) == 65535  # the 3 MiB echo, as far as the window goes
+
+    asyncio.run(go())
+
+
+def test_an_oversized_message_is_refused_from_its_prefix(wire: Callable[..., Wire]) -> None:
+    async def go() -> None:
+        w = wire(max_message=1000)
+        w.send(frame(HEADERS, END_HEADERS, 1, w.headers(1)) + frame(DATA, 0, 1, message(b"z" * 2000)[:100]))
+        frames = w.frames()
+        fields = dict(w.decoder.decode(next(p for kind, _, sid, p in frames if kind == HEADERS)))
+        assert fields["grpc-status"] == str(http2.RESOURCE_EXHAUSTED)
+        assert [f for f in frames if f[0] == RST_STREAM and f[2] == 1], "the client is told to stop sending"
+        w.send(frame(DATA, END_STREAM, 1, b"z" * 1905))  # the rest, still in flight: dropped
+        w.send(frame(HEADERS, END_HEADERS, 3, w.headers(3)) + frame(DATA, END_STREAM, 3, message(b"ok")))
+        await settle()
+        assert w.answer(3)[1] == message(b"echo:ok:")
+
+    asyncio.run(go())
+
+
+def test_reset_cancels_the_call_and_stop_waits_only_for_calls_running(wire: Callable[..., Wire]) -> None:
+    async def go() -> None:
+        hold = asyncio.Event()
+        w = wire(hold=hold)
+        w.send(frame(HEADERS, END_HEADERS, 1, w.headers(1, path=HOLD)) + frame(DATA, END_STREAM, 1, message(b"")))
+        w.send(frame(HEADERS, END_HEADERS, 3, w.headers(3, path=HOLD)) + frame(DATA, END_STREAM, 3, message(b"")))
+        w.send(frame(HEADERS, END_HEADERS, 5, w.headers(5)))  # a request that never completes
+        await settle()
+        server = w.conn.server
+        assert len(server.calls) == 2
+        w.send(frame(RST_STREAM, 0, 1, struct.pack(">I", http2.CANCEL)))
+        await settle()
+        assert len(server.calls) == 1
+        stopping = asyncio.ensure_future(server.stop(600))
+        await settle()
+        assert any(kind == GOAWAY for kind, *_ in w.frames())
+        hold.set()
+        await asyncio.wait_for(stopping, 60)  # stream 5 holds nothing up
+        assert w.answer(3)[1] == message(b"late")
+        assert w.closed
+
+    asyncio.run(go())
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [
+        b"GET / HTTP/1.1\r\n\r\n",
+        frame(DATA, 0, 2, b"x"),
+        frame(HEADERS, END_HEADERS, 1, b"\xff\xff\xff"),
+        frame(WINDOW_UPDATE, 0, 0, b"\x01"),
+        frame(RST_STREAM, 0, 1, b""),
+    ],
+)
+def test_a_broken_connection_is_closed(wire: Callable[..., Wire], garbage: bytes) -> None:
+    async def go() -> None:
+        server = Http2Server(Methods(unary={ECHO: echo}), 1000)
+        conn = Connection(server)
+        w = Wire(conn)
+        conn.connection_made(w)  # type: ignore[arg-type]
+        w.send(garbage if garbage.startswith(b"GET") else PREFACE + frame(SETTINGS, 0, 0) + garbage)
+        assert w.closed
+
+    asyncio.run(go())
+
+
+def test_half_sent_requests_hold_the_connection_window(wire: Callable[..., Wire]) -> None:
+    """Once a connection's unfinished requests hold a window's worth of bytes (16 MiB here), it credits no more
+    back: a client cannot make it buffer without bound by leaving requests unfinished. Finished ones give
+    their bytes back."""
+
+    async def go() -> None:
+        w = wire(max_message=1 << 20)
+        w.frames()
+        part = message(b"q" * 900_000)[:-1]
+        streams = range(1, 61, 2)  # 30 requests of 900 kB each, one byte short: 27 MB
+        for sid in streams:
+            w.send(frame(HEADERS, END_HEADERS, sid, w.headers(sid)) + frame(DATA, 0, sid, part))
+        updates = [struct.unpack(">I", p)[0] for kind, _, sid, p in w.frames() if kind == WINDOW_UPDATE and sid == 0]
+        assert sum(updates) <= 16 << 20
+        for sid in streams:
+            w.send(frame(DATA, END_STREAM, sid, b"q"))
+        await settle()
+        updates += [struct.unpack(">I", p)[0] for kind, _, sid, p in w.frames() if kind == WINDOW_UPDATE and sid == 0]
+        assert sum(updates) >= 30 * 900_000 - (8 << 20)
+
+    asyncio.run(go())
+
+
+def test_a_connection_without_the_preface_is_closed() -> None:
+    async def go() -> None:
+        server = Http2Server(Methods(unary={ECHO: echo}), 1000)
+        server.preface_seconds = 0.01
+        silent, talking = Wire(Connection(server)), Wire(Connection(server))
+        for w in (silent, talking):
+            w.conn.connection_made(w)  # type: ignore[arg-type]
+        talking.send(PREFACE)
+        for _ in range(1000):
+            if silent.closed:
+                break
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)  # the talking connection's timer has run too
+        assert silent.closed and not talking.closed
+
+    asyncio.run(go())
+
+
+def test_a_repeated_header_block_is_read_against_the_table_of_its_time(wire: Callable[..., Wire]) -> None:
+    """The same bytes (an indexed field, 0xbe: the newest table entry) mean what the table holds when they come:
+    the decoded-block cache must not answer from an older table."""
+
+    def string(value: bytes) -> bytes:
+        return bytes((len(value),)) + value
+
+    base = b"\x83\x86\x04" + string(ECHO.encode()) + b"\x0f\x10" + string(b"application/grpc")
+    tag = {t: base + b"\x40" + string(b"x-tag") + string(t) for t in (b"one", b"two")}  # added to the table
+    newest = base + b"\xbe"
+
+    async def go() -> None:
+        w = wire()
+        answers = []
+        for sid, block in enumerate([tag[b"one"], newest, newest, tag[b"two"], newest], start=0):
+            stream = 2 * sid + 1
+            w.send(frame(HEADERS, END_HEADERS, stream, block) + frame(DATA, END_STREAM, stream, message(b"m")))
+            await settle()
+            answers.append(w.answer(stream)[1])
+        assert answers == [message(b"echo:m:" + t) for t in (b"one", b"one", b"one", b"two", b"two")]
+
+    asyncio.run(go())
