@@ -147,14 +147,16 @@ class DataPlane:
         """Authorize, look the model up and take a place in the queue (or :class:`Busy`): the start of one
         inference. Use the answer as a context manager around decoding and :meth:`Admission.run`."""
         started = time.monotonic()
-        model = self.model(name, version, credentials)
-        bound = self.metrics.bind(model.name, model.version, model.provider, transport)
+        self.authorize(credentials)
+        # what serves now, as published (a miss: the full lookup, which finds it or says why not)
+        model = self.repository.serving.get((name, version)) or self.repository.get(name, version)
+        key = (model.name, model.version, model.provider, transport)
+        bound = self.metrics.bound.get(key) or self.metrics.bind(*key)
         try:
-            self.scheduler.admit()
+            self.scheduler.admit(model)  # an unload of this version waits until the request is released
         except Busy as exc:
             bound.failure(exc.kind).inc()
             raise
-        model.enter()  # an unload of this version waits until the request leaves
         return Admission(model, self.compute_for(model), self.scheduler, bound, transport, started)
 
 
@@ -195,8 +197,7 @@ class Admission:
     def __exit__(
         self, kind: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
     ) -> None:
-        self.scheduler.release()
-        self.model.leave()
+        self.scheduler.release(self.model)
         bound, model = self.bound, self.model
         if exc is None:
             bound.success.inc()

@@ -114,13 +114,16 @@ class Metrics:
             buckets=BUCKETS,
             registry=r,
         )
-        self._bound: dict[tuple[str, str, str, str], Bound] = {}
+        #: the metrics of each (model, version, provider, transport) seen so far: a request reads its own here
+        #: and calls :meth:`bind` only the first time
+        self.bound: dict[tuple[str, str, str, str], Bound] = {}
 
     def bind(self, model: str, version: str, provider: str, transport: str) -> Bound:
+        """The metrics of one (model, version, provider, transport), made once and kept in :attr:`bound`."""
         key = (model, version, provider, transport)
-        bound = self._bound.get(key)
+        bound = self.bound.get(key)
         if bound is None:
-            bound = self._bound[key] = Bound(
+            bound = self.bound[key] = Bound(
                 self.success.labels(*key),
                 self.request_seconds.labels(*key),
                 self.queue_seconds.labels(*key),

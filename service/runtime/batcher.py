@@ -33,14 +33,13 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import numpy as np
 
 from service.errors import Internal, ModelLoadError, Timeout
-from service.runtime.model import Timing
+from service.runtime.work import Timing, Work, compute
 
 if TYPE_CHECKING:
     from service.metrics import BatchMetrics
     from service.runtime.model import LoadedModel
     from service.runtime.model_config import BatchPolicy
     from service.runtime.scheduler import Scheduler
-    from service.runtime.work import Work
     from service.v2.tensors import TensorSpec
 
 T = TypeVar("T")
@@ -222,7 +221,7 @@ class Batcher:
             feeds = {name: np.concatenate([e.work.feeds[name] for e in live]) for name in first.feeds}
         wanted = {n for e in live for n in e.work.outputs}
         names = [n for n in model.output_names if n in wanted]
-        arrays = dict(zip(names, model.run(feeds, names, None, timing), strict=True))
+        arrays = dict(zip(names, compute(model, feeds, names, None, timing), strict=True))
         total = sum(e.rows for e in live)
         for name, array in arrays.items():
             if array.ndim == 0 or array.shape[0] != total:

@@ -14,6 +14,7 @@ import onnxruntime as ort
 
 from converter import ConversionError, Report, convert
 from converter.errors import first_line
+from converter.graph import all_graphs
 from converter.quantize import describe
 from service.errors import ModelLoadError
 from service.runtime.batcher import check_batchable
@@ -49,7 +50,8 @@ def load_model(name: str, version: str, path: Path, config: ModelConfig, setting
     samples = samples_for(path)  # DIR/<name>/samples.npz: verify the fold on real inputs instead of random ones
     graph = _read_graph(path)
     quantization = describe(graph)  # a quantized model serves as it is; the page and metadata say so
-    has_batchnorm = any(n.op_type == "BatchNormalization" for n in graph.graph.node)
+    # If/Loop/Scan bodies too: the converter folds there as well
+    has_batchnorm = any(n.op_type == "BatchNormalization" for g in all_graphs(graph.graph) for n in g.node)
     del graph
     try:
         if fold and has_batchnorm:

@@ -2,8 +2,9 @@
 
 Requests only ever look names up in memory: a model name or version from a URL never reaches the file
 system, so it cannot escape the repository. Loaded versions are immutable; loading a new or replaced version
-builds it completely (fold, session, warm-up) before one dict assignment publishes it, so no request ever
-sees a half-loaded model. A file being written is loaded only once its size and mtime stop changing.
+builds it completely (fold, session, warm-up) before it is published (one assignment of the serving table that
+requests read), so no request ever sees a half-loaded model. A file being written is loaded only once its size
+and mtime stop changing.
 
 One change to a model at a time (:meth:`Repository.turn`): a rescan's load, and the repository API's loads and
 unloads (:mod:`service.runtime.control`), wait for the one under way.
@@ -117,6 +118,10 @@ class Repository:
     def __init__(self, settings: Settings, on_change: Callable[[LoadedModel, bool], None] | None = None) -> None:
         self.settings = settings
         self.models: dict[str, ModelState] = {}
+        #: what serves now, as a request names it: (name, version) and (name, None) for the latest version; the
+        #: dataplane reads it, and calls :meth:`get` (which finds any other spelling of a version, or says why
+        #: not) only when it misses. Rebuilt and assigned at once whenever a version is published or withdrawn.
+        self.serving: dict[tuple[str, str | None], LoadedModel] = {}
         self._pending: dict[tuple[str, int], Signature] = {}  # changed files seen once, waiting to settle
         self._on_change = on_change or (lambda model, ready: None)
         self._turns: dict[str, asyncio.Lock] = {}
@@ -139,6 +144,15 @@ class Repository:
         if v in state.failed:
             raise Unavailable(f"model '{name}' version {v} is not ready: {state.failed[v]}")
         raise NotFound(f"unknown version '{version}' of model '{name}'")
+
+    def _publish(self) -> None:
+        serving: dict[tuple[str, str | None], LoadedModel] = {}
+        for name, state in self.models.items():
+            for version, model in state.ready.items():
+                serving[(name, str(version))] = model
+            if state.ready:
+                serving[(name, None)] = state.ready[max(state.ready)]
+        self.serving = serving
 
     @staticmethod
     def _why(state: ModelState) -> str:
@@ -243,11 +257,12 @@ class Repository:
             self.models[name] = state
             return str(exc)
         replaced = version in state.ready
-        state.ready[version] = model  # the one assignment that publishes it
+        state.ready[version] = model  # published with the serving table below, before any request can run
         state.failed.pop(version, None)
         if sig is not None:
             state.signatures[version] = sig
         self.models[name] = state
+        self._publish()
         self._on_change(model, True)
         log.info(
             "model %s version %s %s in %.2f s (providers %s)",
@@ -273,6 +288,7 @@ class Repository:
         state.failed.pop(version, None)
         state.signatures.pop(version, None)
         if model is not None:
+            self._publish()
             self._on_change(model, False)
         return model
 

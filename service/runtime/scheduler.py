@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 from service.errors import Busy, Timeout
 
 if TYPE_CHECKING:
+    from service.runtime.model import LoadedModel
     from service.runtime.work import Work
 
 T = TypeVar("T")
@@ -71,17 +72,23 @@ class Scheduler:
         for thread in self._threads:
             thread.start()
 
-    def admit(self) -> None:
-        """Take a place for one request, or refuse (:class:`Busy`) when every place is taken; :meth:`release` it."""
+    def admit(self, model: LoadedModel) -> None:
+        """Take a place for one request to ``model``, or refuse (:class:`Busy`) when every place is taken;
+        :meth:`release` it. The model counts it too: an unload of that version waits until it is released."""
         if self.admitted >= self.limit:
             raise Busy(
                 f"server busy: {self.admitted} requests in flight (limit {self.limit}); retry later",
                 retry_after=self.retry_after,
             )
         self.admitted += 1
+        model.in_flight += 1
+        model.idle.clear()
 
-    def release(self) -> None:
+    def release(self, model: LoadedModel) -> None:
         self.admitted -= 1
+        model.in_flight -= 1
+        if not model.in_flight:
+            model.idle.set()
 
     async def run(self, work: Work[T], deadline: float | None) -> tuple[T, float]:
         """Run one request's work in a compute thread; a running work is stopped at its deadline."""

@@ -17,7 +17,7 @@ import pytest
 
 from service.errors import Busy, Timeout
 from service.runtime.scheduler import Scheduler
-from tests.support.stub_work import WAIT_SECONDS, StubWork
+from tests.support.stub_work import WAIT_SECONDS, StubModel, StubWork
 
 
 @asynccontextmanager
@@ -36,14 +36,17 @@ async def wait(event: threading.Event) -> None:
 
 def test_admission_refuses_beyond_threads_plus_queue_and_gives_places_back() -> None:
     scheduler = Scheduler(2, 1, retry_after=7)  # no threads needed to count places
-    for _ in range(3):
-        scheduler.admit()
+    a, b = StubModel(), StubModel()
+    for model in (a, a, b):
+        scheduler.admit(model)
     with pytest.raises(Busy) as refused:
-        scheduler.admit()
+        scheduler.admit(b)
     assert refused.value.retry_after == 7 and "limit 3" in refused.value.message
-    scheduler.release()
-    scheduler.admit()
-    assert scheduler.admitted == 3
+    assert (a.in_flight, b.in_flight) == (2, 1) and not a.idle.is_set()
+    scheduler.release(b)
+    assert b.in_flight == 0 and b.idle.is_set()  # an unload of b would go on now
+    scheduler.admit(a)
+    assert scheduler.admitted == 3 and a.in_flight == 3
 
 
 def test_work_runs_in_a_compute_thread_and_answers_with_its_wait() -> None:

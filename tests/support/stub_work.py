@@ -4,13 +4,13 @@ the door (a gate) until the test lets it through."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from service.runtime.model import Timing
 from service.runtime.model_config import ModelConfig
 from service.runtime.work import Work
 from service.v2.tensors import Array, InferRequest, InferResult, TensorSpec
@@ -34,6 +34,8 @@ class StubModel:
     config: ModelConfig = field(default_factory=ModelConfig)
     runs: list[int] = field(default_factory=list)
     entered: threading.Event = field(default_factory=threading.Event)
+    in_flight: int = 0  # what the scheduler's admission counts, as on a loaded model
+    idle: asyncio.Event = field(default_factory=asyncio.Event)
     _gate: threading.Event | None = None  # the next run waits on it
     _held: bool = False
 
@@ -46,7 +48,12 @@ class StubModel:
         assert self._gate is not None
         self._gate.set()
 
-    def run(self, feeds: dict[str, Array], names: list[str], run_options: Any, timing: Timing) -> list[Array]:
+    @property
+    def session(self) -> StubModel:
+        """The model is its own ONNX Runtime session: :func:`service.runtime.work.compute` calls :meth:`run`."""
+        return self
+
+    def run(self, names: list[str], feeds: dict[str, Array], run_options: Any) -> list[Array]:
         gate, self._held = (self._gate if self._held else None), False
         self.entered.set()
         if gate is not None:
