@@ -58,7 +58,9 @@ def _raw(name: str, row: V2Type, shape: tuple[int, ...], count: int, data: bytes
             f"input '{name}': raw_input_contents has {len(data)} bytes, shape {list(shape)} of {row.name} "
             f"needs {count * row.dtype.itemsize}"
         )
-    return decode_binary_data(name, row.name, shape, count, memoryview(data))
+    if row.name in ("BYTES", "BOOL"):  # length-prefixed elements; bytes that must be 0 or 1
+        return decode_binary_data(name, row.name, shape, count, memoryview(data))
+    return np.frombuffer(data, dtype=row.dtype).reshape(shape)  # the size is checked above
 
 
 def _typed(name: str, row: V2Type, shape: tuple[int, ...], count: int, contents: pb.InferTensorContents) -> Array:
@@ -103,7 +105,10 @@ def encode_result(result: InferResult) -> bytes:
     for out in result.outputs:
         datatype = out.datatype or v2_datatype(out.array)
         response.outputs.add(name=out.name, datatype=datatype, shape=out.array.shape)
-        response.raw_output_contents.append(binary_bytes(out.array, datatype))
+        if datatype == "BYTES":
+            response.raw_output_contents.append(binary_bytes(out.array, datatype))
+        else:
+            response.raw_output_contents.append(np.ascontiguousarray(out.array, V2_TYPES[datatype].dtype).tobytes())
     data: bytes = response.SerializeToString()
     return data
 
