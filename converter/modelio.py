@@ -38,6 +38,8 @@ class Loaded:
 
 #: The report's line for a model whose nodes were sorted on the way in.
 SORTED_NOTE = "nodes were not in topological order: sorted as ONNX Runtime sorts them (the output is written sorted)"
+#: The report's line for graph outputs declared without a shape (followed by their names).
+SHAPED_NOTE = "graph outputs declared without a shape (onnx.checker refuses them) given their inferred shapes: "
 
 
 def load(path: str | os.PathLike[str]) -> Loaded:
@@ -72,30 +74,35 @@ def load(path: str | os.PathLike[str]) -> Loaded:
             raise InputError(f"{p}: external data cannot be loaded ({_first_line(exc)})") from None
     notes: list[str] = []
     if problem is not None:
-        notes = sort(model, str(p))
+        notes = repair(model, str(p))
         problem = None if notes else problem
     if problem is not None:
         raise InputError(f"{p}: invalid ONNX model ({_first_line(problem)})")
     return Loaded(model, p, external, notes)
 
 
-def sort(model: ModelProto, what: str) -> list[str]:
-    """Sort an unsorted model's nodes in place (as ONNX Runtime does), then check it; return the report's notes.
-    A node reading a value that nothing produces, or a cycle, is an InputError naming the node."""
+def repair(model: ModelProto, what: str) -> list[str]:
+    """Fix in place what onnx.checker refuses but ONNX Runtime runs, then check the model; return the report's
+    notes (empty when nothing needed fixing). Unsorted nodes are sorted as ONNX Runtime sorts them; a graph output
+    declared without a shape gets the one shape inference finds. A node reading a value that nothing produces, or
+    a cycle, is an InputError naming the node."""
     was_sorted = prepare.is_sorted(model.graph)
     try:
         prepare.sort_nodes(model.graph)
     except InputError as exc:
         raise InputError(f"{what}: {exc}") from None
-    if was_sorted:
-        return []
-    check(model, what)
-    return [SORTED_NOTE]
+    notes = [] if was_sorted else [SORTED_NOTE]
+    shaped = prepare.infer_output_shapes(model)
+    if shaped:
+        notes.append(SHAPED_NOTE + ", ".join(shaped))
+    if notes:
+        check(model, what)
+    return notes
 
 
 def check_sorted(model: ModelProto, what: str = "model") -> list[str]:
-    """:func:`check`, after sorting the nodes of a model that is not in topological order (in place)."""
-    notes = sort(model, what)
+    """:func:`check`, after :func:`repair` (sorting the nodes, shapes for shapeless graph outputs) where needed."""
+    notes = repair(model, what)
     if not notes:
         check(model, what)
     return notes

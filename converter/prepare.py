@@ -5,6 +5,9 @@ initializers that are also listed as graph inputs read as the weights they are.
   it. :func:`sort_nodes` sorts every graph (subgraphs of If/Loop/Scan included) stably, keeping the original
   order wherever it is already valid, and refuses only what ONNX Runtime refuses: a node reading a value that
   nothing produces, or a cycle. Errors name the node (its name, or its index and op type when it has none).
+* Shapeless graph outputs: onnx.checker refuses a graph output whose tensor type has no shape (hand-edited
+  graphs have them); ONNX Runtime runs it. :func:`infer_output_shapes` gives it the shape ONNX shape inference
+  finds.
 * Initializers listed as inputs: the ONNX spec lets a runtime override such an initializer (IR >= 4), but no
   deployed model is run that way. :func:`constant_initializer_inputs` removes them from the graph inputs so that
   they are constants; an IR 3 model (where every initializer must be listed) becomes IR 4, so that the folded
@@ -16,6 +19,7 @@ from __future__ import annotations
 import heapq
 from collections import defaultdict
 
+import onnx
 from onnx import GraphProto, ModelProto, NodeProto
 
 from converter.errors import InputError
@@ -23,6 +27,27 @@ from converter.graph import outer_references, subgraphs
 
 #: IR version from which an initializer listed as a graph input may be overridden at run time.
 OVERRIDABLE_FROM_IR = 4
+
+
+def infer_output_shapes(model: ModelProto) -> list[str]:
+    """Give each graph output declared without a shape the shape that ONNX shape inference finds for it (in
+    place); return the names of those given one. Outputs inference cannot shape stay as they are."""
+    missing = [
+        o for o in model.graph.output if o.type.HasField("tensor_type") and not o.type.tensor_type.HasField("shape")
+    ]
+    if not missing:
+        return []
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except (onnx.shape_inference.InferenceError, ValueError):  # the checker's message then says what is wrong
+        return []
+    found = {o.name: o.type.tensor_type for o in inferred.graph.output if o.type.tensor_type.HasField("shape")}
+    shaped = []
+    for out in missing:
+        if out.name in found:
+            out.type.tensor_type.shape.CopyFrom(found[out.name].shape)
+            shaped.append(out.name)
+    return shaped
 
 
 def node_label(index: int, node: NodeProto) -> str:

@@ -196,6 +196,24 @@ def test_unsorted_graph_is_sorted_folded_and_written_sorted(tmp_path: object, ca
     onnx.checker.check_model(str(dst))
 
 
+def test_graph_output_without_a_shape_gets_the_inferred_one_and_folds(tmp_path: object, capsys: object) -> None:
+    m = model([conv(), bn_node("c", "y")], [("x", ["n", 2, 5, 5])], ["y"], [tensor("W", W), *bn_initializers(P)])
+    m.graph.output[0].type.tensor_type.ClearField("shape")  # as hand-edited graphs have it: ONNX Runtime runs it
+    with pytest.raises(onnx.checker.ValidationError, match="'shape' of 'type' is required"):
+        onnx.checker.check_model(m)
+    result = convert(m)
+    assert result.report.layers[0].action == "folded"
+    assert any("declared without a shape" in n and n.endswith(": y") for n in result.report.notes)
+    dims = result.model.graph.output[0].type.tensor_type.shape.dim
+    assert [d.dim_value or d.dim_param for d in dims] == ["n", 3, 5, 5]
+    assert close(run(result.model, {"x": X})[0], run(m, {"x": X})[0])
+    src, dst = tmp_path / "shapeless.onnx", tmp_path / "folded.onnx"  # type: ignore[operator]
+    onnx.save(m, str(src))
+    assert main(["convert", str(src), "-o", str(dst)]) == 0
+    assert "given their inferred shapes: y" in capsys.readouterr().out  # type: ignore[attr-defined]
+    onnx.checker.check_model(str(dst))
+
+
 def test_a_cycle_is_refused_naming_the_node_by_index_and_op_type_when_unnamed(tmp_path: object, capsys: object) -> None:
     nodes = [
         helper.make_node("Add", ["x", "b"], ["a"]),
