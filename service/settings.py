@@ -113,7 +113,10 @@ class Settings(BaseSettings):
     retry_after_seconds: int = Field(1, ge=0, description="`Retry-After` sent with 503 answers.")
     max_body_bytes: int = Field(64 << 20, ge=1024, description="Largest request body accepted (413 beyond).")
     body_timeout_seconds: float = Field(
-        30.0, gt=0, description="A request body not received completely within this time is answered 408."
+        30.0,
+        gt=0,
+        description="A request body not received completely within this time is answered 408 (gRPC: a request "
+        "message not complete this long after its HEADERS is DEADLINE_EXCEEDED).",
     )
     max_elements: int = Field(
         16 << 20, ge=1, description="Largest element count of one input tensor accepted (400 beyond)."

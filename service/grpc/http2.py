@@ -16,6 +16,8 @@ A server given a :class:`~service.connections.ConnectionGuard` keeps its connect
 connection must send the preface and its first HEADERS within the header timeout, and may stay without an open
 stream for the idle timeout (then GOAWAY and close); over the cap a new connection takes the place of the one
 waiting longest, or, when every connection has a stream open, gets GOAWAY with ENHANCE_YOUR_CALM and is closed.
+A request not complete ``request_timeout`` seconds after its HEADERS is answered DEADLINE_EXCEEDED, so that no
+stream keeps its connection busy for ever.
 """
 
 from __future__ import annotations
@@ -164,6 +166,7 @@ class Stream:
         "headers",
         "held",
         "id",
+        "opened",
         "pending",
         "send_window",
         "task",
@@ -173,6 +176,7 @@ class Stream:
 
     def __init__(self, stream_id: int, send_window: int) -> None:
         self.id = stream_id
+        self.opened = time.monotonic()
         self.headers: list[tuple[bytes, bytes]] | None = None
         self.body = bytearray()
         self.ended = False  # the client half-closed
@@ -698,10 +702,18 @@ class ConnectionError_(Exception):
 class Http2Server:
     """The listening socket(s), the connections, and the calls in flight."""
 
-    def __init__(self, methods: Methods, max_message: int, guard: ConnectionGuard | None = None) -> None:
+    def __init__(
+        self,
+        methods: Methods,
+        max_message: int,
+        guard: ConnectionGuard | None = None,
+        request_timeout: float | None = None,
+    ) -> None:
         self.methods = methods
         self.max_message = max_message
         self.guard = guard  # the limits on connections (none: no timeouts, no cap)
+        self.request_timeout = request_timeout  # a request not complete this long after its HEADERS is answered
+        self._expiry: asyncio.TimerHandle | None = None
         self.connection_window = min(max(CONNECTION_WINDOW, max_message + (1 << 20)), 0x7FFFFFFF)
         self.connections: set[Connection] = set()
         self.calls: set[asyncio.Task[None]] = set()
@@ -719,7 +731,28 @@ class Http2Server:
             reuse_port=reuse_port or None,
             backlog=BACKLOG,
         )
+        if self.request_timeout is not None:
+            self._arm_expiry()
         return int(self._server.sockets[0].getsockname()[1])
+
+    def _arm_expiry(self) -> None:
+        assert self.request_timeout is not None
+        every = min(1.0, self.request_timeout / 4)
+        self._expiry = asyncio.get_running_loop().call_later(every, self._expire_requests)
+
+    def _expire_requests(self) -> None:
+        self.expire_requests(time.monotonic())
+        self._arm_expiry()
+
+    def expire_requests(self, now: float) -> None:
+        """Answer DEADLINE_EXCEEDED to the requests not complete ``request_timeout`` seconds after their HEADERS
+        (REST's 408): a stream left open holds its connection busy, out of reach of the guard's timeouts."""
+        assert self.request_timeout is not None
+        expired = now - self.request_timeout
+        for conn in list(self.connections):
+            for stream in [s for s in conn.streams.values() if not s.ended and s.opened <= expired]:
+                message = f"the request was not received completely within {self.request_timeout:g} s"
+                conn.answer_error(stream, GrpcError(DEADLINE_EXCEEDED, message))
 
     def request(self, headers: list[tuple[bytes, bytes]], body: bytearray) -> tuple[str, Call, Payload]:
         """Check a complete request: (method path, call, the one request message); GrpcError if it is not one."""
@@ -794,6 +827,8 @@ class Http2Server:
     async def stop(self, grace: float) -> None:
         """Drain, wait up to ``grace`` seconds for the calls in flight, then end the rest and close."""
         self.drain()
+        if self._expiry is not None:
+            self._expiry.cancel()
         if self.calls:
             self._idle = asyncio.Event()
             if self.calls:

@@ -262,7 +262,7 @@ class GrpcTransport:
             unary={**inference.methods(), f"/{HEALTH_SERVICE}/Check": health.check},
             server_stream={f"/{HEALTH_SERVICE}/Watch": health.watch},
         )
-        server = Http2Server(methods, s.max_body_bytes, self.guard)
+        server = Http2Server(methods, s.max_body_bytes, self.guard, s.body_timeout_seconds)
         try:
             # with --workers N every process binds the port, as uvicorn's do for REST; alone, a taken port
             # must be an error rather than a silent share with another server

@@ -408,6 +408,33 @@ def test_over_the_cap_the_idle_connection_makes_room_else_goaway_enhance_your_ca
     asyncio.run(go())
 
 
+def test_a_request_never_completed_is_answered_at_the_request_timeout_and_its_connection_goes_idle() -> None:
+    """A stream whose HEADERS came but whose message never completes would keep its connection busy for ever, out
+    of reach of the guard: at the request timeout (REST's body timeout) it is DEADLINE_EXCEEDED and reset."""
+
+    async def go() -> None:
+        guard = ConnectionGuard("grpc", header_timeout=10, idle_timeout=5, cap=10)
+        server = Http2Server(Methods(unary={ECHO: echo}), 1000, guard, request_timeout=30)
+        w = connected(server)
+        w.send(frame(HEADERS, END_HEADERS, 1, w.headers(1)) + frame(DATA, 0, 1, message(b"never")[:3]))
+        w.send(frame(HEADERS, END_HEADERS, 3, w.headers(3)))
+        w.frames()  # SETTINGS and the like
+        server.expire_requests(time.monotonic() + 29)
+        guard.sweep(time.monotonic() + 29)
+        assert not w.frames() and not w.closed and w.conn.guard_busy()
+        server.expire_requests(time.monotonic() + 31)
+        frames = w.frames()
+        for sid in (1, 3):
+            (block,) = [p for kind, _, s, p in frames if kind == HEADERS and s == sid]
+            assert dict(w.decoder.decode(block))["grpc-status"] == str(http2.DEADLINE_EXCEEDED)
+            assert [p for kind, _, s, p in frames if kind == RST_STREAM and s == sid]
+        assert not w.conn.guard_busy()
+        guard.sweep(time.monotonic() + 6)  # idle since then
+        assert w.closed and closes(guard)["idle_timeout"] == 1
+
+    asyncio.run(go())
+
+
 def test_draining_refuses_new_streams_and_lets_the_running_call_finish(wire: Callable[..., Wire]) -> None:
     async def go() -> None:
         hold = asyncio.Event()
