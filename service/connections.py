@@ -1,37 +1,33 @@
 """The connection guard: how long a connection may take to send a request head or sit idle, how many may be open,
 and what happens over the cap, for both transports.
 
-Neither uvicorn nor grpcio limits what a client may hold open. uvicorn arms its keep-alive timer only after a
-response: a connection that sends nothing, or trickles a request head one byte at a time (slowloris), stays open
-forever, and ``limit_concurrency`` answers 503 only once a complete head has arrived. A process whose open files
-reach ``RLIMIT_NOFILE`` then accepts nothing on either port, health probes included.
+Neither uvicorn nor a bare asyncio server limits what a client may hold open. uvicorn arms its keep-alive timer only
+after a response: a connection that sends nothing, or trickles a request head one byte at a time (slowloris), stays
+open forever, and ``limit_concurrency`` answers 503 only once a complete head has arrived. A process whose open
+files reach ``RLIMIT_NOFILE`` then accepts nothing on either port, health probes included.
 
 :class:`ConnectionGuard` keeps one transport's connections on an asyncio server; :class:`Connections` holds the
-server's guards, sweeps them (one timer, none per request), writes the summary line and the metrics.
-
-REST (uvicorn, httptools or h11): :func:`protocol` names uvicorn's protocol class with the guard mixed in
-(uvicorn's ``http=`` takes a class or a dotted name):
+server's two guards (REST, gRPC), sweeps them (one timer, none per request), writes the summary line and the
+metrics. Per transport:
 
 - *header timeout*: a connection that has not sent a complete request head ``header_timeout`` seconds after it
-  opened, or after its last answer, is closed;
-- *idle timeout*: uvicorn's keep-alive timeout (``timeout_keep_alive``), counted here;
+  opened, or after its last answer, is closed. For gRPC's HTTP/2 the request head is the connection preface and
+  the first HEADERS;
+- *idle timeout*: a connection with no request in progress for ``idle_timeout`` seconds is closed. REST: uvicorn's
+  keep-alive timeout (``timeout_keep_alive``), counted here; gRPC: no open stream, then GOAWAY and close;
 - *cap*: at most ``cap`` open connections. A new one over the cap takes the place of the connection that has waited
-  longest for a request head (idle keep-alive or slowloris): a probe or a real client sends its head at once and is
-  answered, an attacker's connections replace each other. When every open connection is busy with a request, the
-  new one gets a 503 with ``Connection: close`` at once;
-- *drain*: on shutdown a connection between requests stays open until its idle or header timeout; a request written
-  on it meanwhile is answered, with ``Connection: close`` (uvicorn closes it at once, and a request already on its
-  way meets a connection reset).
+  longest for a request (idle ones first, then those still sending a head): a probe or a real client sends its
+  request at once and is answered, an attacker's connections replace each other. When every open connection is
+  busy with a request, the new one is refused at once: REST answers 503 with ``Connection: close``, gRPC sends
+  GOAWAY with ENHANCE_YOUR_CALM and closes;
+- *drain*: on shutdown a REST connection between requests stays open until its idle or header timeout; a request
+  written on it meanwhile is answered, with ``Connection: close`` (uvicorn closes it at once, and a request already
+  on its way meets a connection reset). gRPC sends GOAWAY on every connection: calls in flight finish, new streams
+  are refused (REFUSED_STREAM), and clients send them elsewhere.
 
-gRPC served by an asyncio server of our own takes a :class:`ConnectionGuard` as uvicorn's protocols do (see its
-docstring: four calls). gRPC served by grpcio: :func:`grpc_options` sets the same limits as channel arguments: the
-HTTP/2 handshake must complete within the header timeout (``grpc.server_handshake_timeout_ms``), a connection
-with no call for the idle timeout gets GOAWAY (``grpc.max_connection_idle_ms``; grpcio counts a connection that
-never completed a call as idle too), and ``grpc.max_allowed_incoming_connections`` closes connections over the cap
-as they are accepted. grpcio offers no
-hook to replace a waiting connection, so the guard keeps room under its cap at the socket level: it shuts down the
-quietest connections on the gRPC port that never sent a call (:func:`close_callless`, from /proc and ``TCP_INFO``);
-grpcio's open connections are counted from the process's sockets (:func:`sockets_on_port`) when metrics are read.
+REST (uvicorn, httptools or h11): :func:`protocol` names uvicorn's protocol class with the guard mixed in
+(uvicorn's ``http=`` takes a class or a dotted name). gRPC (:mod:`service.grpc.http2`): each connection calls the
+guard itself (see :class:`ConnectionGuard`).
 
 The cap (``BNFOLD_MAX_CONNECTIONS``, per transport) defaults to what the file limit leaves: ``RLIMIT_NOFILE`` minus
 the files open once the models are loaded, minus :data:`RESERVE` for model loads, logs and the health path, shared
@@ -45,12 +41,9 @@ import asyncio
 import logging
 import os
 import resource
-import socket
-import struct
 import time
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -68,9 +61,7 @@ __all__ = [
     "Connections",
     "GuardedProtocol",
     "connection_cap",
-    "grpc_options",
     "protocol",
-    "sockets_on_port",
 ]
 
 log = logging.getLogger("bnfold.service")
@@ -79,10 +70,8 @@ log = logging.getLogger("bnfold.service")
 RESERVE = 64
 #: The largest automatic cap per transport (each open connection costs memory too).
 AUTO_MAX = 10_000
-#: The guard looks at waiting connections this often (or a quarter of the header timeout when shorter), and at
-#: gRPC's while they press on its cap, every PRESSED_SWEEP_SECONDS.
+#: The guard looks at waiting connections this often (or a quarter of the header timeout when shorter).
 SWEEP_SECONDS = 0.25
-PRESSED_SWEEP_SECONDS = 0.1
 #: Summary lines of closed connections come at most this often.
 REPORT_EVERY_SECONDS = 60.0
 #: Reasons a connection is closed by the guard (``reason`` label of ``bnfold_connections_closed_total``).
@@ -120,103 +109,16 @@ def connection_cap(setting: int, transports: int, limit: int | None = None, in_u
     return max(1, min(AUTO_MAX, room))
 
 
-def grpc_options(header_timeout: float, idle_timeout: float, cap: int) -> list[tuple[str, int]]:
-    """grpcio server options that bound the handshake, idle connections and their number (see module doc)."""
-    return [
-        ("grpc.server_handshake_timeout_ms", max(1, round(header_timeout * 1000))),
-        ("grpc.max_connection_idle_ms", max(1, round(idle_timeout * 1000))),
-        ("grpc.max_allowed_incoming_connections", cap),
-    ]
-
-
-#: struct tcp_info (linux/tcp.h): offsets of tcpi_last_data_recv (u32, ms) and tcpi_bytes_received (u64, Linux 4.1+)
-_LAST_DATA_RECV, _BYTES_RECEIVED, _TCP_INFO_SIZE = 52, 128, 136
-#: A gRPC connection that has received fewer bytes has never sent a call (preface, SETTINGS and one call's
-#: HEADERS are more): the only kind the gRPC guard closes.
-GRPC_CALL_BYTES = 120
-
-
-@dataclass
-class PortSocket:
-    """A connected TCP socket of this process, as seen when listed."""
-
-    fd: int
-    peer: Any  # its remote address, to recognise it again
-    quiet_ms: int  # since data last arrived on it (since it opened when nothing ever arrived)
-    received: int  # bytes received in all
-
-
-def _duplicate(fd: int, port: int) -> socket.socket | None:
-    """A duplicate of descriptor ``fd`` when it is a connected TCP socket on local ``port`` (one descriptor, which the
-    caller closes), else None."""
-    try:
-        if not os.readlink(f"/proc/self/fd/{fd}").startswith("socket:"):
-            return None
-        sock = socket.socket(fileno=os.dup(fd))
-    except OSError:
-        return None
-    try:
-        if sock.type == socket.SOCK_STREAM and sock.getsockname()[1] == port:
-            sock.getpeername()  # OSError (ENOTCONN) for the listener
-            return sock
-    except (OSError, IndexError, TypeError):
-        pass
-    sock.close()
-    return None
-
-
-def sockets_on_port(port: int) -> list[PortSocket]:
-    """This process's connected TCP sockets whose local port is ``port`` (the listener excluded); empty where
-    /proc/self/fd cannot be read. Holds one extra descriptor at a time."""
-    found: list[PortSocket] = []
-    try:
-        fds = [int(fd) for fd in os.listdir("/proc/self/fd")]
-    except OSError:
-        return []
-    for fd in fds:
-        sock = _duplicate(fd, port)
-        if sock is None:
-            continue
-        with sock:
-            try:
-                info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_SIZE)
-                peer = sock.getpeername()
-            except OSError:
-                continue
-        (quiet,) = struct.unpack_from("I", info, _LAST_DATA_RECV)
-        (received,) = struct.unpack_from("Q", info, _BYTES_RECEIVED) if len(info) >= _TCP_INFO_SIZE else (0,)
-        found.append(PortSocket(fd, peer, quiet, received))
-    return found
-
-
-def close_callless(port: int, keep: int) -> int:
-    """Shut down the quietest connections on ``port`` that never sent a call, until at most ``keep`` remain;
-    the number shut down. (The owner of the descriptor, grpcio, sees the connection end and closes it.)"""
-    found = sockets_on_port(port)
-    victims = sorted((s for s in found if s.received < GRPC_CALL_BYTES), key=lambda s: -s.quiet_ms)
-    closed = 0
-    for victim in victims[: len(found) - keep]:
-        sock = _duplicate(victim.fd, port)
-        if sock is None:
-            continue
-        with sock:
-            try:
-                if sock.getpeername() == victim.peer:  # still the same connection
-                    sock.shutdown(socket.SHUT_RDWR)
-                    closed += 1
-            except OSError:
-                pass
-    return closed
-
-
 class ConnectionGuard:
     """One transport's connections on an asyncio server: the cap, the header and idle deadlines, counts by reason.
 
     A connection object has a ``transport`` and a ``guard_busy()`` method (a request is in progress: its head has
-    arrived and its answer is not complete). Its server calls, on the event loop: :meth:`admit` when it opens (close
-    it when False: over the cap with every connection busy), :meth:`waiting` when it answered its last request,
-    :meth:`forget` when it closed. uvicorn's protocols do so through :class:`GuardedProtocol`; an HTTP/2 server of
-    our own would call ``waiting(conn, idle=True)`` when its last stream ends. :class:`Connections` sweeps.
+    arrived and its answer is not complete), and may have a ``guard_close()`` method (how the guard closes it, e.g.
+    GOAWAY first; else ``transport.close()``). Its server calls, on the event loop: :meth:`admit` when it opens
+    (refuse and close it when False: over the cap with every connection busy), :meth:`waiting` when it answered its
+    last request, :meth:`forget` when it closed. uvicorn's protocols do so through :class:`GuardedProtocol`, the
+    gRPC server's HTTP/2 connections call ``waiting(conn, idle=True)`` when their last stream ends.
+    :class:`Connections` sweeps.
     """
 
     def __init__(self, transport: str, header_timeout: float, idle_timeout: float, cap: int = AUTO_MAX) -> None:
@@ -290,7 +192,11 @@ class ConnectionGuard:
     def _close(self, conn: Any, reason: str) -> None:
         self.closed[reason] += 1
         self.forget(conn)
-        conn.transport.close()
+        close = getattr(conn, "guard_close", None)
+        if close is not None:
+            close()
+        else:
+            conn.transport.close()
 
     def samples(self) -> Iterator[tuple[str, dict[str, str], float]]:
         """(name, labels, value) of this transport's connection metrics (see :mod:`service.metrics`)."""
@@ -301,35 +207,35 @@ class ConnectionGuard:
             yield "bnfold_connections_closed_total", labels, float(self.closed[reason])
 
 
+#: How the summary line names a transport and its refusal.
+_SHOWN = {"rest": ("REST", "503"), "grpc": ("gRPC", "GOAWAY")}
+
+
 class Connections:
-    """The server's connection limits: the REST guard (uvicorn), gRPC's (grpcio options and the socket-level guard),
-    the sweep timer, the summary line and the metrics."""
+    """The server's connection limits: the REST guard (uvicorn's protocols find it on the app), the gRPC guard
+    (given to the gRPC server), the sweep timer, the summary line and the metrics."""
 
     def __init__(self, settings: Settings) -> None:
         self.header_timeout = settings.header_timeout_seconds
         self.idle_timeout = settings.idle_timeout_seconds
         self.setting = settings.max_connections
-        self.rest = ConnectionGuard(
-            "rest", self.header_timeout, self.idle_timeout, settings.max_connections or AUTO_MAX
-        )
-        self.grpc_port = 0
-        self.grpc_cap = 0
-        self.grpc_evicted = 0
-        self._files_at_start = 0
-        self._pressed = False  # gRPC's connections near its cap at the last sweep
+        cap = settings.max_connections or AUTO_MAX
+        self.rest = ConnectionGuard("rest", self.header_timeout, self.idle_timeout, cap)
+        self.grpc = ConnectionGuard("grpc", self.header_timeout, self.idle_timeout, cap)
+        self.guards = [self.rest]
         self._loop: asyncio.AbstractEventLoop | None = None
         self._timer: asyncio.TimerHandle | None = None
-        self._reported: Counter[str] = Counter()
-        self._reported_grpc = 0
+        self._reported: dict[str, Counter[str]] = {"rest": Counter(), "grpc": Counter()}
         self._reported_at: float | None = None
 
     # ------------------------------------------------------------------ life cycle (the server's event loop)
-    def start(self, grpc_port: int = 0) -> None:
-        """Fix the caps from the file limit now (models loaded) and start sweeping on the running loop."""
-        self._files_at_start = open_files()
-        cap = connection_cap(self.setting, 2 if grpc_port else 1, in_use=self._files_at_start)
-        self.rest.cap = cap
-        self.grpc_port, self.grpc_cap = grpc_port, (cap if grpc_port else 0)
+    def start(self, grpc: bool = False) -> None:
+        """Fix the caps from the file limit now (models loaded) and start sweeping on the running loop; ``grpc``:
+        the gRPC transport is served too (the file limit's room is shared)."""
+        self.guards = [self.rest, self.grpc] if grpc else [self.rest]
+        cap = connection_cap(self.setting, len(self.guards))
+        for guard in self.guards:
+            guard.cap = cap
         self._loop = asyncio.get_running_loop()
         self._arm()
         log.info(
@@ -340,10 +246,6 @@ class Connections:
             self.idle_timeout,
         )
 
-    def grpc_options(self) -> list[tuple[str, int]]:
-        """grpcio server options of these limits (after :meth:`start`)."""
-        return grpc_options(self.header_timeout, self.idle_timeout, self.grpc_cap)
-
     def stop(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
@@ -352,66 +254,43 @@ class Connections:
 
     def _arm(self) -> None:
         assert self._loop is not None
-        every = PRESSED_SWEEP_SECONDS if self._pressed else SWEEP_SECONDS
-        self._timer = self._loop.call_later(min(every, self.header_timeout / 4), self._sweep)
+        self._timer = self._loop.call_later(min(SWEEP_SECONDS, self.header_timeout / 4), self._sweep)
 
     def _sweep(self) -> None:
-        self.rest.sweep(time.monotonic())
-        if self.grpc_port:
-            self._sweep_grpc()
+        now = time.monotonic()
+        for guard in self.guards:
+            guard.sweep(now)
         self._report()
         self._arm()
 
-    def grpc_room(self) -> int:
-        """gRPC connections kept free for new clients (health probes): grpcio refuses over its cap."""
-        return max(1, min(64, self.grpc_cap // 8))
-
-    def _sweep_grpc(self) -> None:
-        # cheap test first: the files open beyond the REST connections and those open at start
-        keep = self.grpc_cap - self.grpc_room()
-        self._pressed = open_files() - self.rest.open - self._files_at_start >= keep
-        if self._pressed:
-            self.grpc_evicted += close_callless(self.grpc_port, keep)
-
     # ------------------------------------------------------------------ the summary line
     def _report(self, force: bool = False) -> None:
-        closed = self.rest.closed
-        hostile = ("header_timeout", "evicted", "refused")
-        new = {r: closed[r] - self._reported[r] for r in REASONS}
-        grpc_new = self.grpc_evicted - self._reported_grpc
-        if not any(new[r] for r in hostile) and not grpc_new:
+        new = {g.transport: g.closed - self._reported[g.transport] for g in self.guards}
+        if not any(closed[r] for closed in new.values() for r in ("header_timeout", "evicted", "refused")):
             return
         now = time.monotonic()
         if not force and self._reported_at is not None and now - self._reported_at < REPORT_EVERY_SECONDS:
             return
-        grpc = f"; gRPC: {grpc_new} that sent no call, to keep room under the cap of {self.grpc_cap}"
+        parts = []
+        for g in self.guards:
+            n, (name, refusal) = new[g.transport], _SHOWN[g.transport]
+            parts.append(
+                f"{name}: {n['header_timeout']} without a request head in {self.header_timeout:g} s, "
+                f"{n['idle_timeout']} idle for {self.idle_timeout:g} s, {n['evicted']} to make room at the cap of "
+                f"{g.cap}, {n['refused']} refused with {refusal} (all busy), {g.open} open"
+            )
         log.warning(
-            "connections closed: REST: %d without a request head in %g s, %d idle for %g s, %d to make room at the "
-            "cap of %d, %d refused with 503 (all busy), %d open%s (further closes summed up every %g s)",
-            new["header_timeout"],
-            self.header_timeout,
-            new["idle_timeout"],
-            self.idle_timeout,
-            new["evicted"],
-            self.rest.cap,
-            new["refused"],
-            self.rest.open,
-            grpc if self.grpc_port else "",
-            REPORT_EVERY_SECONDS,
+            "connections closed: %s (further closes summed up every %g s)", "; ".join(parts), REPORT_EVERY_SECONDS
         )
-        self._reported = Counter(closed)
-        self._reported_grpc = self.grpc_evicted
+        for g in self.guards:
+            self._reported[g.transport] = Counter(g.closed)
         self._reported_at = now
 
     # ------------------------------------------------------------------ metrics
     def samples(self) -> Iterator[tuple[str, dict[str, str], float]]:
         """(name, labels, value) of the connection metrics (see :mod:`service.metrics`)."""
-        yield from self.rest.samples()
-        if self.grpc_port:
-            yield "bnfold_connections_open", {"transport": "grpc"}, float(len(sockets_on_port(self.grpc_port)))
-            yield "bnfold_connections_max", {"transport": "grpc"}, float(self.grpc_cap)
-            labels = {"transport": "grpc", "reason": "evicted"}
-            yield "bnfold_connections_closed_total", labels, float(self.grpc_evicted)
+        for guard in self.guards:
+            yield from guard.samples()
 
 
 def guard_of(app: Any) -> ConnectionGuard | None:

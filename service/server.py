@@ -62,7 +62,7 @@ class Server:
         if s.grpc_port:
             from service.grpc.server import GrpcTransport  # noqa: PLC0415  (grpc stays unloaded when it is off)
 
-            self.grpc = GrpcTransport(self.dataplane)
+            self.grpc = GrpcTransport(self.dataplane, self.connections.grpc)
         drain_on_signals(self.drain)
         loading.disable_telemetry()
         if s.reuse_large_buffers:
@@ -77,7 +77,7 @@ class Server:
         self.metrics.server_info.labels(loop, parser).set(1)
         log.info("event loop %s, HTTP parser %s", loop, parser)
         log.info("ready: %d model version(s) serving", self.repository.ready_count())
-        self.connections.start(s.grpc_port)  # the caps from the files left once models loaded
+        self.connections.start(grpc=self.grpc is not None)  # the caps from the files left once models loaded
         if self.grpc is not None:
             await self.grpc.start()
         if s.repository_poll_seconds > 0:

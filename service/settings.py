@@ -113,7 +113,10 @@ class Settings(BaseSettings):
     retry_after_seconds: int = Field(1, ge=0, description="`Retry-After` sent with 503 answers.")
     max_body_bytes: int = Field(64 << 20, ge=1024, description="Largest request body accepted (413 beyond).")
     body_timeout_seconds: float = Field(
-        30.0, gt=0, description="A request body not received completely within this time is answered 408."
+        30.0,
+        gt=0,
+        description="A request body not received completely within this time is answered 408 (gRPC: a request "
+        "message not complete this long after its HEADERS is DEADLINE_EXCEEDED).",
     )
     max_elements: int = Field(
         16 << 20, ge=1, description="Largest element count of one input tensor accepted (400 beyond)."
@@ -125,21 +128,22 @@ class Settings(BaseSettings):
         10.0,
         gt=0,
         description="A connection that has not sent a complete request head this long after it opened or after its "
-        "last answer is closed (slowloris); for gRPC, the HTTP/2 handshake's limit.",
+        "last answer is closed (slowloris); for gRPC, the HTTP/2 preface and the first call's HEADERS must come "
+        "within it.",
     )
     idle_timeout_seconds: float = Field(
         5.0,
         gt=0,
         description="A keep-alive connection idle this long between requests is closed; a gRPC connection with no "
-        "call this long gets GOAWAY (clients reconnect on their next call).",
+        "call open this long gets GOAWAY and is closed (clients reconnect on their next call).",
     )
     max_connections: int = Field(
         0,
         ge=0,
         description="Open connections allowed per transport (REST, gRPC); 0: what the open-file limit "
         "(`ulimit -n`) leaves once the models are loaded, less 64, shared by the transports, at most 10000. Over it "
-        "a REST connection replaces the one waiting longest for a request head, or gets 503 when all are busy; gRPC "
-        "closes it.",
+        "a new connection replaces the one waiting longest for a request, or, when all are busy, is refused: REST "
+        "with 503, gRPC with GOAWAY (ENHANCE_YOUR_CALM).",
     )
     metrics_public: bool = Field(
         False,

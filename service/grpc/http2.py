@@ -11,6 +11,13 @@ bytes (server streaming). It answers an error by raising :class:`GrpcError`; any
 INTERNAL, logged. Decoding the protobuf is the method's business, so a malformed message is its
 INVALID_ARGUMENT. A unary call with zero or two request messages is answered INVALID_ARGUMENT as soon as the
 client half-closes; a call only runs (and only then counts for a graceful stop) once its request is complete.
+
+A server given a :class:`~service.connections.ConnectionGuard` keeps its connections within the guard's limits: a
+connection must send the preface and its first HEADERS within the header timeout, and may stay without an open
+stream for the idle timeout (then GOAWAY and close); over the cap a new connection takes the place of the one
+waiting longest, or, when every connection has a stream open, gets GOAWAY with ENHANCE_YOUR_CALM and is closed.
+A request not complete ``request_timeout`` seconds after its HEADERS is answered DEADLINE_EXCEEDED, so that no
+stream keeps its connection busy for ever.
 """
 
 from __future__ import annotations
@@ -23,9 +30,12 @@ import time
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import hpack
+
+if TYPE_CHECKING:
+    from service.connections import ConnectionGuard
 
 log = logging.getLogger("bnfold.service")
 
@@ -46,7 +56,10 @@ MAX_FRAME = 1 << 20  # the largest frame we accept (HTTP/2 allows up to 16 MiB)
 MAX_HEADER_LIST = 64 << 10
 MAX_MESSAGE_TEXT = 1024  # grpc-message is cut to this many characters
 HEADER_CACHE = 64
-PREFACE_SECONDS = 10.0  # a connection that has not sent the HTTP/2 preface by then is closed
+#: Connections the kernel completes before we accept them (uvicorn's default too). With asyncio's 100, a burst of
+#: connections overflows the queue: the kernel drops their handshake's last ACK, and a client that sends nothing
+#: believes it is connected while we never see it.
+BACKLOG = 2048
 
 # gRPC status codes (grpc.StatusCode's numbers, without importing grpc)
 OK, CANCELLED, UNKNOWN, INVALID_ARGUMENT, DEADLINE_EXCEEDED, NOT_FOUND = 0, 1, 2, 3, 4, 5
@@ -153,6 +166,7 @@ class Stream:
         "headers",
         "held",
         "id",
+        "opened",
         "pending",
         "send_window",
         "task",
@@ -162,6 +176,7 @@ class Stream:
 
     def __init__(self, stream_id: int, send_window: int) -> None:
         self.id = stream_id
+        self.opened = time.monotonic()
         self.headers: list[tuple[bytes, bytes]] | None = None
         self.body = bytearray()
         self.ended = False  # the client half-closed
@@ -195,7 +210,7 @@ class Connection(asyncio.Protocol):
         self.unread = 0
         self.buffered = 0  # bytes in the bodies of unfinished requests
         self.going_away = False
-        self.preface_timer: asyncio.TimerHandle | None = None
+        self.guard = server.guard
         self.data_stream: Stream | None = None  # the DATA frame being read: its stream, flags, size, bytes left
         self.data_flags = self.data_size = self.data_left = 0
 
@@ -203,7 +218,6 @@ class Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's TCPTransport is not a subclass
         self.server.connections.add(self)
-        self.preface_timer = asyncio.get_running_loop().call_later(self.server.preface_seconds, self.no_preface)
         settings = struct.pack(
             ">HIHIHIHI",
             S_MAX_CONCURRENT_STREAMS,
@@ -217,17 +231,16 @@ class Connection(asyncio.Protocol):
         )
         update = _frame(WINDOW_UPDATE, 0, 0, _FRAME.pack(self.server.connection_window - 65535))
         self.write(_frame(SETTINGS, 0, 0, settings) + update)
-        if self.server.draining:
-            self.goaway(NO_ERROR)
-
-    def no_preface(self) -> None:
-        if not self.preface:
+        if self.guard is not None and not self.guard.admit(self):  # over the cap, every connection busy
+            self.goaway(ENHANCE_YOUR_CALM, b"too many open connections")
             self.close()
+        elif self.server.draining:
+            self.goaway(NO_ERROR)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.connections.discard(self)
-        if self.preface_timer is not None:
-            self.preface_timer.cancel()
+        if self.guard is not None:
+            self.guard.forget(self)
         for stream in self.streams.values():
             stream.closed = True
             if stream.task is not None:
@@ -366,7 +379,7 @@ class Connection(asyncio.Protocol):
             if not flags & ACK:
                 self.write(_frame(PING, ACK, 0, payload))
         elif kind == RST_STREAM:
-            stream = self.streams.pop(sid, None)
+            stream = self.drop(sid)
             if stream is not None:
                 self.release(stream)
                 stream.body = bytearray()
@@ -525,7 +538,7 @@ class Connection(asyncio.Protocol):
         stream.ended = True
         self.release(stream)
         if stream.closed:
-            self.streams.pop(stream.id, None)
+            self.drop(stream.id)
             return
         try:
             method, call, message = self.server.request(stream.headers or [], stream.body)
@@ -612,7 +625,7 @@ class Connection(asyncio.Protocol):
         stream.closed = True
         self.release(stream)
         stream.pending = []
-        self.streams.pop(stream.id, None)
+        self.drop(stream.id)
         if not stream.ended:  # answered before the client finished sending: tell it to stop
             self.write(_frame(RST_STREAM, 0, stream.id, _FRAME.pack(NO_ERROR)))
 
@@ -646,9 +659,34 @@ class Connection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.write(data)
 
-    def goaway(self, code: int) -> None:
+    def drop(self, stream_id: int) -> Stream | None:
+        """Forget a stream; the connection is idle from when its last open stream goes."""
+        stream = self.streams.pop(stream_id, None)
+        if stream is not None and not self.streams and self.guard is not None and self.transport is not None:
+            self.guard.waiting(self, idle=True)
+        return stream
+
+    def goaway(self, code: int, debug: bytes = b"") -> None:
         self.going_away = True
-        self.write(_frame(GOAWAY, 0, 0, struct.pack(">II", self.last_stream, code)))
+        self.write(_frame(GOAWAY, 0, 0, struct.pack(">II", self.last_stream, code) + debug))
+
+    # -------------------------------------------------------------------- the connection guard's calls
+    def guard_busy(self) -> bool:
+        """A stream is open (its request arriving, its call running or its answer going out)."""
+        return bool(self.streams)
+
+    def guard_close(self) -> None:
+        """Closed by the guard (no stream open: idle, no request in time, or making room under the cap): GOAWAY
+        first, so that a client knows none of its calls was started and may send it again. Bytes it has not
+        read by now are dropped rather than keep the socket open."""
+        transport = self.transport
+        if transport is None:
+            return
+        self.goaway(NO_ERROR)
+        if transport.get_write_buffer_size():
+            transport.abort()
+        else:
+            transport.close()
 
     def close(self) -> None:
         if self.transport is not None:
@@ -664,10 +702,18 @@ class ConnectionError_(Exception):
 class Http2Server:
     """The listening socket(s), the connections, and the calls in flight."""
 
-    def __init__(self, methods: Methods, max_message: int) -> None:
+    def __init__(
+        self,
+        methods: Methods,
+        max_message: int,
+        guard: ConnectionGuard | None = None,
+        request_timeout: float | None = None,
+    ) -> None:
         self.methods = methods
         self.max_message = max_message
-        self.preface_seconds = PREFACE_SECONDS
+        self.guard = guard  # the limits on connections (none: no timeouts, no cap)
+        self.request_timeout = request_timeout  # a request not complete this long after its HEADERS is answered
+        self._expiry: asyncio.TimerHandle | None = None
         self.connection_window = min(max(CONNECTION_WINDOW, max_message + (1 << 20)), 0x7FFFFFFF)
         self.connections: set[Connection] = set()
         self.calls: set[asyncio.Task[None]] = set()
@@ -679,9 +725,34 @@ class Http2Server:
     async def listen(self, host: str, port: int, reuse_port: bool = False) -> int:
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
-            lambda: Connection(self), host.strip("[]") or None, port, reuse_port=reuse_port or None
+            lambda: Connection(self),
+            host.strip("[]") or None,
+            port,
+            reuse_port=reuse_port or None,
+            backlog=BACKLOG,
         )
+        if self.request_timeout is not None:
+            self._arm_expiry()
         return int(self._server.sockets[0].getsockname()[1])
+
+    def _arm_expiry(self) -> None:
+        assert self.request_timeout is not None
+        every = min(1.0, self.request_timeout / 4)
+        self._expiry = asyncio.get_running_loop().call_later(every, self._expire_requests)
+
+    def _expire_requests(self) -> None:
+        self.expire_requests(time.monotonic())
+        self._arm_expiry()
+
+    def expire_requests(self, now: float) -> None:
+        """Answer DEADLINE_EXCEEDED to the requests not complete ``request_timeout`` seconds after their HEADERS
+        (REST's 408): a stream left open holds its connection busy, out of reach of the guard's timeouts."""
+        assert self.request_timeout is not None
+        expired = now - self.request_timeout
+        for conn in list(self.connections):
+            for stream in [s for s in conn.streams.values() if not s.ended and s.opened <= expired]:
+                message = f"the request was not received completely within {self.request_timeout:g} s"
+                conn.answer_error(stream, GrpcError(DEADLINE_EXCEEDED, message))
 
     def request(self, headers: list[tuple[bytes, bytes]], body: bytearray) -> tuple[str, Call, Payload]:
         """Check a complete request: (method path, call, the one request message); GrpcError if it is not one."""
@@ -756,6 +827,8 @@ class Http2Server:
     async def stop(self, grace: float) -> None:
         """Drain, wait up to ``grace`` seconds for the calls in flight, then end the rest and close."""
         self.drain()
+        if self._expiry is not None:
+            self._expiry.cancel()
         if self.calls:
             self._idle = asyncio.Event()
             if self.calls:

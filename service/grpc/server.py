@@ -15,6 +15,9 @@ message are INVALID_ARGUMENT, logged as one line at most every LOG_EVERY_SECONDS
 On SIGTERM the server stops taking new calls at once (GOAWAY) and lets the admitted ones finish within
 BNFOLD_GRACEFUL_SHUTDOWN_SECONDS, as uvicorn does for REST; a call whose request never completed is not
 admitted and holds nothing up.
+
+Its connections are kept within the limits of a :class:`~service.connections.ConnectionGuard` (header and idle
+timeouts, a cap on open connections), as REST's are.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from typing import TypeVar
 from google.protobuf.message import DecodeError, Message
 from grpc_health.v1 import health_pb2
 
+from service.connections import ConnectionGuard
 from service.dataplane import DataPlane
 from service.errors import (
     BadRequest,
@@ -237,8 +241,9 @@ class Health:
 class GrpcTransport:
     """Start, drain and stop the gRPC server (the process's :class:`~service.server.Server` calls these)."""
 
-    def __init__(self, dataplane: DataPlane) -> None:
+    def __init__(self, dataplane: DataPlane, guard: ConnectionGuard | None = None) -> None:
         self.dataplane = dataplane
+        self.guard = guard  # the limits on its connections (service.connections)
         self.server: Http2Server | None = None
         self._stopping: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -257,7 +262,7 @@ class GrpcTransport:
             unary={**inference.methods(), f"/{HEALTH_SERVICE}/Check": health.check},
             server_stream={f"/{HEALTH_SERVICE}/Watch": health.watch},
         )
-        server = Http2Server(methods, s.max_body_bytes)
+        server = Http2Server(methods, s.max_body_bytes, self.guard, s.body_timeout_seconds)
         try:
             # with --workers N every process binds the port, as uvicorn's do for REST; alone, a taken port
             # must be an error rather than a silent share with another server

@@ -80,9 +80,10 @@ def test_health_and_inference_answer_under_3000_hostile_connections(tmp_path: Pa
         code = srv.stop()
     log = srv.output()
     assert code == 0, log[-3000:]
-    for reason in ("header_timeout", "evicted"):
-        assert counts[f'bnfold_connections_closed_total{{reason="{reason}",transport="rest"}}'] > 0, counts
-    assert counts['bnfold_connections_closed_total{reason="evicted",transport="grpc"}'] > 0, counts
+    for transport in ("rest", "grpc"):  # slowloris at the header timeout, idle ones evicted to make room
+        for reason in ("header_timeout", "evicted"):
+            key = f'bnfold_connections_closed_total{{reason="{reason}",transport="{transport}"}}'
+            assert counts[key] > 0, counts
     summaries = [line for line in log.splitlines() if "connections closed:" in line]
     assert 1 <= len(summaries) <= 3, summaries  # one line (and one at shutdown), never one per connection
     others = [line for line in log.splitlines() if ("WARNING" in line or "ERROR" in line) and line not in summaries]

@@ -1,6 +1,7 @@
-"""The connection guard on the REST transport (service.connections), on the app served in a thread: the header and
-idle timeouts close connections, over the cap a waiting connection makes room or a new one gets 503, and the cap
-follows the file limit. Each test waits for what the server does to a socket (EOF), never on a clock.
+"""The connection guard (service.connections), on the app served in a thread: the header and idle timeouts close
+connections (REST and gRPC), over the cap a waiting connection makes room or a new one gets 503, and the cap
+follows the file limit. Each test waits for what the server does to a socket (EOF) or for the guard's counts, never
+on a clock. The gRPC server's side of the guard, frame by frame, is in test_grpc_http2.py.
 """
 
 from __future__ import annotations
@@ -9,10 +10,14 @@ import json
 import socket
 import time
 
+import grpc
 import pytest
 
 from service.connections import AUTO_MAX, RESERVE, ConnectionGuard, connection_cap
-from tests.support.reliability import DIGITS, read_reply, request_bytes
+from service.grpc import http2
+from service.grpc.protos import grpc_predict_v2_pb2 as pb
+from service.launcher import free_port
+from tests.support.reliability import DIGITS, read_reply, request_bytes, wait_until
 from tests.support.servers import InThread, in_process
 
 INFER = json.dumps({"inputs": [DIGITS]}).encode()
@@ -135,6 +140,45 @@ def test_over_the_cap_with_every_connection_busy_a_new_one_gets_503() -> None:
             assert read_reply(sock).status == 200
             sock.close()
         assert closed(srv, "refused") == 1
+
+
+def read_to_end(sock: socket.socket) -> bytes:
+    """What the server sends on ``sock`` until it closes it (30 s at most)."""
+    sock.settimeout(30)
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    return data
+
+
+def frame_kinds(data: bytes) -> list[int]:
+    kinds, pos = [], 0
+    while pos + 9 <= len(data):
+        kinds.append(data[pos + 3])
+        pos += 9 + int.from_bytes(data[pos : pos + 3], "big")
+    return kinds
+
+
+def test_grpc_connection_without_a_call_is_closed_and_an_idle_channel_reconnects() -> None:
+    """gRPC: a connection that sends nothing gets SETTINGS, then GOAWAY at the header timeout, and is closed; a
+    channel idle for the idle timeout is closed with GOAWAY, and its next call opens a new connection."""
+    port = free_port()
+    with in_process(grpc_port=port, header_timeout_seconds=0.3, idle_timeout_seconds=0.3) as srv:
+        guard = srv.app.app.state.server.connections.grpc
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as silent:
+            kinds = frame_kinds(read_to_end(silent))
+        assert kinds[0] == http2.SETTINGS and kinds[-1] == http2.GOAWAY
+        assert guard.closed["header_timeout"] == 1
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            live = channel.unary_unary(
+                "/inference.GRPCInferenceService/ServerLive",
+                request_serializer=pb.ServerLiveRequest.SerializeToString,
+                response_deserializer=pb.ServerLiveResponse.FromString,
+            )
+            assert live(pb.ServerLiveRequest(), timeout=30).live
+            wait_until(lambda: guard.closed["idle_timeout"] == 1, 30, 0.02, "the idle channel's connection closed")
+            assert live(pb.ServerLiveRequest(), timeout=30).live
+        assert guard.closed["header_timeout"] == 1  # the channel's second connection sent its call at once
 
 
 @pytest.mark.parametrize("public", [False, True])

@@ -1,18 +1,21 @@
 """The gRPC server's own HTTP/2 (service/grpc/http2.py), in memory: a connection fed bytes as a client would
 send them (cut at every byte, padded, split header blocks, compressed messages), its frames read back and
-decoded; flow control both ways; reset and oversized calls; GOAWAY on a broken connection."""
+decoded; flow control both ways; reset and oversized calls; GOAWAY on a broken connection; the connection guard's
+timeouts, cap and drain, with the guard's clock moved forward by hand."""
 
 from __future__ import annotations
 
 import asyncio
 import gzip
 import struct
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import hpack
 import pytest
 
+from service.connections import ConnectionGuard
 from service.grpc import http2
 from service.grpc.http2 import (
     CONTINUATION,
@@ -21,6 +24,7 @@ from service.grpc.http2 import (
     END_STREAM,
     GOAWAY,
     HEADERS,
+    NO_ERROR,
     PADDED,
     PREFACE,
     RST_STREAM,
@@ -62,6 +66,14 @@ class Wire:
 
     def close(self) -> None:
         self.closed = True
+
+    abort = close
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def get_write_buffer_size(self) -> int:
+        return 0
 
     def send(self, data: bytes, cut: int = 0) -> None:
         """Hand ``data`` to the server, in pieces of ``cut`` bytes (0: at once)."""
@@ -332,20 +344,114 @@ def test_half_sent_requests_hold_the_connection_window(wire: Callable[..., Wire]
     asyncio.run(go())
 
 
-def test_a_connection_without_the_preface_is_closed() -> None:
+def connected(server: Http2Server, hello: bool = True) -> Wire:
+    """A new connection to ``server``; ``hello``: it sent the preface and SETTINGS."""
+    w = Wire(Connection(server))
+    w.conn.connection_made(w)  # type: ignore[arg-type]
+    if hello:
+        w.send(PREFACE + frame(SETTINGS, 0, 0))
+    return w
+
+
+def goaway_codes(w: Wire) -> list[int]:
+    return [struct.unpack(">II", p[:8])[1] for kind, _, _, p in w.frames() if kind == GOAWAY]
+
+
+def closes(guard: ConnectionGuard) -> dict[str, float]:
+    return {labels["reason"]: v for name, labels, v in guard.samples() if name == "bnfold_connections_closed_total"}
+
+
+def test_the_guard_closes_connections_without_a_call_in_time_and_idle_ones_with_goaway() -> None:
+    """Header timeout: the preface and a first HEADERS must come within it (a stream open is busy, not waiting).
+    Idle timeout: from the end of the last open stream. Either way GOAWAY(NO_ERROR), then close."""
+
     async def go() -> None:
-        server = Http2Server(Methods(unary={ECHO: echo}), 1000)
-        server.preface_seconds = 0.01
-        silent, talking = Wire(Connection(server)), Wire(Connection(server))
-        for w in (silent, talking):
-            w.conn.connection_made(w)  # type: ignore[arg-type]
-        talking.send(PREFACE)
-        for _ in range(1000):
-            if silent.closed:
-                break
-            await asyncio.sleep(0.01)
-        await asyncio.sleep(0.05)  # the talking connection's timer has run too
-        assert silent.closed and not talking.closed
+        guard = ConnectionGuard("grpc", header_timeout=10, idle_timeout=5, cap=10)
+        server = Http2Server(Methods(unary={ECHO: echo}), 1000, guard)
+        silent, hello, calling = connected(server, hello=False), connected(server), connected(server)
+        calling.send(frame(HEADERS, END_HEADERS, 1, calling.headers(1)))  # a stream open, its message to come
+        guard.sweep(time.monotonic() + 9)
+        assert not (silent.closed or hello.closed or calling.closed)
+        guard.sweep(time.monotonic() + 11)
+        assert silent.closed and hello.closed and not calling.closed
+        assert goaway_codes(hello) == [NO_ERROR]
+        calling.send(frame(DATA, END_STREAM, 1, message(b"hi")))
+        await settle()
+        assert calling.answer(1)[0]["grpc-status"] == "0"
+        guard.sweep(time.monotonic() + 4)  # idle since its answer, for less than the idle timeout
+        assert not calling.closed
+        guard.sweep(time.monotonic() + 6)
+        assert calling.closed and goaway_codes(calling) == [NO_ERROR]
+        assert closes(guard) == {"header_timeout": 2, "idle_timeout": 1, "evicted": 0, "refused": 0}
+        assert guard.open == 0
+
+    asyncio.run(go())
+
+
+def test_over_the_cap_the_idle_connection_makes_room_else_goaway_enhance_your_calm() -> None:
+    async def go() -> None:
+        guard = ConnectionGuard("grpc", header_timeout=10, idle_timeout=5, cap=2)
+        server = Http2Server(Methods(unary={ECHO: echo}), 1000, guard)
+        idle, busy = connected(server), connected(server)
+        idle.send(frame(HEADERS, END_HEADERS, 1, idle.headers(1)) + frame(DATA, END_STREAM, 1, message(b"a")))
+        busy.send(frame(HEADERS, END_HEADERS, 1, busy.headers(1)))
+        await settle()
+        idle.frames()
+        new = connected(server)  # takes the idle connection's place
+        assert idle.closed and goaway_codes(idle) == [NO_ERROR] and not busy.closed
+        new.send(frame(HEADERS, END_HEADERS, 1, new.headers(1)))  # busy too
+        refused = connected(server, hello=False)
+        assert refused.closed and goaway_codes(refused) == [http2.ENHANCE_YOUR_CALM]
+        assert not (busy.closed or new.closed)
+        assert closes(guard) == {"header_timeout": 0, "idle_timeout": 0, "evicted": 1, "refused": 1}
+
+    asyncio.run(go())
+
+
+def test_a_request_never_completed_is_answered_at_the_request_timeout_and_its_connection_goes_idle() -> None:
+    """A stream whose HEADERS came but whose message never completes would keep its connection busy for ever, out
+    of reach of the guard: at the request timeout (REST's body timeout) it is DEADLINE_EXCEEDED and reset."""
+
+    async def go() -> None:
+        guard = ConnectionGuard("grpc", header_timeout=10, idle_timeout=5, cap=10)
+        server = Http2Server(Methods(unary={ECHO: echo}), 1000, guard, request_timeout=30)
+        w = connected(server)
+        w.send(frame(HEADERS, END_HEADERS, 1, w.headers(1)) + frame(DATA, 0, 1, message(b"never")[:3]))
+        w.send(frame(HEADERS, END_HEADERS, 3, w.headers(3)))
+        w.frames()  # SETTINGS and the like
+        server.expire_requests(time.monotonic() + 29)
+        guard.sweep(time.monotonic() + 29)
+        assert not w.frames() and not w.closed and w.conn.guard_busy()
+        server.expire_requests(time.monotonic() + 31)
+        frames = w.frames()
+        for sid in (1, 3):
+            (block,) = [p for kind, _, s, p in frames if kind == HEADERS and s == sid]
+            assert dict(w.decoder.decode(block))["grpc-status"] == str(http2.DEADLINE_EXCEEDED)
+            assert [p for kind, _, s, p in frames if kind == RST_STREAM and s == sid]
+        assert not w.conn.guard_busy()
+        guard.sweep(time.monotonic() + 6)  # idle since then
+        assert w.closed and closes(guard)["idle_timeout"] == 1
+
+    asyncio.run(go())
+
+
+def test_draining_refuses_new_streams_and_lets_the_running_call_finish(wire: Callable[..., Wire]) -> None:
+    async def go() -> None:
+        hold = asyncio.Event()
+        w = wire(hold=hold)
+        w.send(frame(HEADERS, END_HEADERS, 1, w.headers(1, path=HOLD)) + frame(DATA, END_STREAM, 1, message(b"")))
+        await settle()
+        w.conn.server.drain()
+        assert goaway_codes(w) == [NO_ERROR]
+        w.send(frame(HEADERS, END_HEADERS, 3, w.headers(3)) + frame(DATA, END_STREAM, 3, message(b"late")))
+        refusals = [struct.unpack(">I", p)[0] for kind, _, sid, p in w.frames() if kind == RST_STREAM and sid == 3]
+        assert refusals == [http2.REFUSED_STREAM]
+        hold.set()
+        await settle()
+        assert w.answer(1) == (
+            {":status": "200", "content-type": "application/grpc", "grpc-status": "0"},
+            message(b"late"),
+        )
 
     asyncio.run(go())
 
