@@ -9,7 +9,17 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [  # top to bottom
     ("dataplane", ("service.dataplane",)),
     ("runtime", ("service.runtime",)),
     ("v2", ("service.v2",)),
-    ("shared", ("service.errors", "service.metrics", "service.settings", "service.logging_setup", "service")),
+    (
+        "shared",
+        (
+            "service.errors",
+            "service.metrics",
+            "service.settings",
+            "service.logging_setup",
+            "service.connections",
+            "service",
+        ),
+    ),
 ]
 
 
