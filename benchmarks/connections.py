@@ -28,7 +28,7 @@ from typing import Any
 
 from benchmarks.environment import host
 from service.launcher import free_port, launch
-from tests.support.hostile import KINDS, Attack, limited_serve, server_live
+from tests.support.hostile import KINDS, Attack, connection_metrics, limited_serve, server_live
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE / "results" / "connections.json"
@@ -54,17 +54,6 @@ def timed_server_live(port: int) -> float | None:
     """Seconds to a live ServerLive answer (a client that retries a refused connection), or None."""
     start = time.perf_counter()
     return time.perf_counter() - start if server_live(port) else None
-
-
-def connection_metrics(port: int) -> dict[str, float]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-    try:
-        conn.request("GET", "/metrics")
-        text = conn.getresponse().read().decode()
-    finally:
-        conn.close()
-    rows = (line.rsplit(" ", 1) for line in text.splitlines() if line.startswith("bnfold_connections"))
-    return {key: float(value) for key, value in rows}
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:

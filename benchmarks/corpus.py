@@ -109,10 +109,10 @@ def _torch_net() -> Any:
             return self.b4(self.fc(torch.flatten(y, 1)))
 
     torch.manual_seed(0)
-    return _trained(Net()), torch.randn(2, 3, 4, 4)
+    return trained(Net()), torch.randn(2, 3, 4, 4)
 
 
-def _trained(net: Any) -> Any:
+def trained(net: Any, bias_std: float = 0.2) -> Any:
     """Trained-looking BatchNorm statistics (a wrong fold shows), eval mode."""
     from torch import nn
 
@@ -121,7 +121,7 @@ def _trained(net: Any) -> Any:
             m.running_mean.normal_(0, 0.3)
             m.running_var.uniform_(0.5, 2.0)
             m.weight.data.uniform_(0.5, 1.5)
-            m.bias.data.normal_(0, 0.2)
+            m.bias.data.normal_(0, bias_std)
     return net.eval()
 
 
@@ -159,7 +159,7 @@ def _torch_resnet() -> Any:
             return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(y, 1), 1))
 
     torch.manual_seed(0)
-    return _trained(ResNet()), torch.randn(1, 3, 16, 16)
+    return trained(ResNet()), torch.randn(1, 3, 16, 16)
 
 
 def _torch_inputs_case(opset: int, net: Callable[[], Any] = _torch_net, name: str = "") -> Callable[[Path], Path]:

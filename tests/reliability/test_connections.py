@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 from service.launcher import ServerProcess, free_port, launch
-from tests.support.hostile import Attack, limited_serve, server_live
-from tests.support.reliability import DIGITS, read_reply, request_bytes, wait_until
+from tests.support.hostile import Attack, connection_metrics, limited_serve, server_live
+from tests.support.reliability import DIGITS, read_reply, refused, request_bytes, wait_until
 
 pytestmark = pytest.mark.slow  # a subprocess server with its own file limit
 
@@ -45,18 +45,6 @@ def get(port: int, method: str, path: str, body: bytes = b"") -> int:
         conn.close()
 
 
-def metrics(port: int) -> dict[str, float]:
-    """bnfold_connections_* samples, keyed by their text before the value."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-    try:
-        conn.request("GET", "/metrics")
-        text = conn.getresponse().read().decode()
-    finally:
-        conn.close()
-    rows = (line.rsplit(" ", 1) for line in text.splitlines() if line.startswith("bnfold_connections"))
-    return {key: float(value) for key, value in rows}
-
-
 def test_health_and_inference_answer_under_3000_hostile_connections(tmp_path: Path) -> None:
     grpc_port = free_port()
     env = {"BNFOLD_HEADER_TIMEOUT_SECONDS": HEADER_TIMEOUT, "BNFOLD_IDLE_TIMEOUT_SECONDS": IDLE_TIMEOUT}
@@ -65,7 +53,7 @@ def test_health_and_inference_answer_under_3000_hostile_connections(tmp_path: Pa
         with Attack(srv.port, grpc_port, PER_KIND, round_seconds=0.2) as attack:
             wait_until(attack.launched, 120, 0.05, "every hostile connection attempted")
             # the attack holds the server: its REST cap is full of them
-            rest_cap = metrics(srv.port)['bnfold_connections_max{transport="rest"}']
+            rest_cap = connection_metrics(srv.port)['bnfold_connections_max{transport="rest"}']
             assert attack.still_open() >= rest_cap
             for _ in range(3):
                 assert get(srv.port, "GET", "/v2/health/live") == 200
@@ -75,7 +63,7 @@ def test_health_and_inference_answer_under_3000_hostile_connections(tmp_path: Pa
             # hostile connections are closed while the slowloris ones keep trickling
             wait_until(lambda: attack.still_open() == 0, 120, 0.1, "every hostile connection closed")
             assert sum(attack.failed.values()) == 0, attack.failed  # the listeners kept accepting
-        counts = metrics(srv.port)
+        counts = connection_metrics(srv.port)
     finally:
         code = srv.stop()
     log = srv.output()
@@ -117,11 +105,3 @@ def test_requests_on_open_keepalive_connections_after_sigterm_are_answered(tmp_p
         srv.stop()
     assert all(a in ("200 connection: close", "503 connection: close") for a in answers), answers
     assert code == 0, srv.tail()
-
-
-def refused(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=5).close()
-    except ConnectionRefusedError:
-        return True
-    return False

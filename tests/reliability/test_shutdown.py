@@ -32,7 +32,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.reliability import SLOW, metric, read_reply, request_bytes, wait_until
+from tests.support.reliability import SLOW, metric, read_reply, refused, request_bytes, wait_until
 from tests.support.servers import Server, save, slow_model, start
 
 pytestmark = pytest.mark.slow  # a subprocess server and a signal
@@ -70,15 +70,6 @@ def exchange(sock: socket.socket, data: bytes) -> tuple[str, bytes]:
     except (ConnectionError, OSError):
         return ("partial" if got_bytes else "dropped"), b""
     return str(reply.status), reply.body
-
-
-def refused(port: int) -> bool:
-    """A new connection is refused: the listener is closed."""
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=5).close()
-    except ConnectionRefusedError:
-        return True
-    return False
 
 
 def hold(sock: socket.socket, path: str, body: bytes, keep_alive: bool) -> bytes:

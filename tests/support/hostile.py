@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import http.client
 import resource
 import selectors
 import socket
@@ -71,6 +72,18 @@ def server_live(grpc_port: int, timeout: float = 1.0) -> bool:
             return bool(call(pb.ServerLiveRequest(), timeout=timeout, wait_for_ready=True).live)
         except grpc.RpcError:
             return False
+
+
+def connection_metrics(port: int) -> dict[str, float]:
+    """The server's bnfold_connections_* samples from ``/metrics``, keyed by their text before the value."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request("GET", "/metrics")
+        text = conn.getresponse().read().decode()
+    finally:
+        conn.close()
+    rows = (line.rsplit(" ", 1) for line in text.splitlines() if line.startswith("bnfold_connections"))
+    return {key: float(value) for key, value in rows}
 
 
 @dataclass

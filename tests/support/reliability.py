@@ -72,6 +72,15 @@ def raw(port: int, data: bytes, timeout: float = 30) -> Reply:
         return read_reply(sock)
 
 
+def refused(port: int) -> bool:
+    """A new connection is refused: the listener is closed."""
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
 def call(
     port: int, method: str, target: str, body: bytes = b"", headers: dict[str, str] | None = None, timeout: float = 30
 ) -> Reply:
